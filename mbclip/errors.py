@@ -1,0 +1,23 @@
+"""The errors mbclip raises: each names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class MbclipError(Exception):
+    """Base class of every error mbclip raises on purpose."""
+
+
+class ConfigurationError(MbclipError, ValueError):
+    """An argument to mbclip has a wrong value or type."""
+
+
+class UnsupportedModuleError(MbclipError, NotImplementedError):
+    """The model holds a layer whose micro-batch gradients mbclip cannot compute exactly."""
+
+
+class BatchError(MbclipError, RuntimeError):
+    """A batch, or the way the model was called on it, breaks an assumption of micro-batch clipping."""
+
+
+class PrivacyError(MbclipError, RuntimeError):
+    """A privacy figure was asked for where no guarantee is proven."""

@@ -1,0 +1,330 @@
+"""``MicroBatchGradSampleModule``: Opacus's ``GradSampleModule`` grouped into micro-batches.
+
+Flow of one pass: the wrapper's ``forward`` opens a *pass* (one batch) and notes its size; a
+forward hook on every hooked layer keeps the call's inputs and hangs a hook on the call's output
+tensors; when their gradient arrives in ``backward`` the layer's sampler (or the autograd fallback)
+turns it into micro-batch sums of per-sample gradients, added up per parameter and per pass.
+The optimizer then asks :meth:`collect` for the micro-batch gradients of every pass since the last
+step and checks them against the plain gradient autograd computed beside them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from opacus.grad_sample import GradSampleModule
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+from torch.utils._pytree import tree_flatten, tree_map
+
+from mbclip.errors import BatchError, ConfigurationError, UnsupportedModuleError
+from mbclip.layout import MicroBatchLayout
+from mbclip.output_hooks import on_output_gradients
+from mbclip.samplers import MICROBATCH_SAMPLERS, UNSUPPORTED_LAYERS, LayerCall, MicroBatchSampler
+from mbclip.samplers.autograd_fallback import autograd_microbatch_sums, infer_batch_dim
+
+LOSS_REDUCTIONS = ("mean", "sum")
+MICROBATCH_REDUCTIONS = ("mean", "sum")
+
+
+@dataclass(frozen=True)
+class HookedLayer:
+    """A layer mbclip hooks: with its registered sampler, or ``sampler=None`` for the autograd fallback."""
+
+    name: str
+    module: nn.Module
+    sampler: Optional[MicroBatchSampler]
+
+
+def trainable(module: nn.Module, recurse: bool = True) -> List[nn.Parameter]:
+    return [p for p in module.parameters(recurse=recurse) if p.requires_grad]
+
+
+def plan_hooks(model: nn.Module) -> List[HookedLayer]:
+    """Which layers get hooks and how; raises ``UnsupportedModuleError`` naming any layer mbclip refuses.
+
+    Pure: reads the model, changes nothing, so the engine can call it before wiring anything.
+    """
+    plan: List[HookedLayer] = []
+
+    def visit(name: str, module: nn.Module) -> None:
+        if not trainable(module):
+            return
+        label = name or "the model itself"
+        module_type = type(module)
+        if module_type in UNSUPPORTED_LAYERS:
+            raise UnsupportedModuleError(f"layer '{label}' ({module_type.__name__}): {UNSUPPORTED_LAYERS[module_type]}")
+        sampler = MICROBATCH_SAMPLERS.get(module_type)
+        if sampler is not None:
+            reason = sampler.check(module) if sampler.check else None
+            if reason:
+                raise UnsupportedModuleError(f"layer '{label}' ({module_type.__name__}) cannot be sampled: {reason}")
+            plan.append(HookedLayer(name, module, sampler))
+            return
+        if trainable(module, recurse=False):
+            plan.append(HookedLayer(name, module, None))
+        for child_name, child in module.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child)
+
+    visit("", model)
+    return plan
+
+
+def _detach(tree):
+    return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
+
+
+def _first_tensor(args: Sequence, kwargs: Dict) -> Optional[object]:
+    for leaf in list(args) + list(kwargs.values()):
+        if isinstance(leaf, (torch.Tensor, PackedSequence)):
+            return leaf
+    leaves, _ = tree_flatten((args, kwargs))
+    return next((leaf for leaf in leaves if isinstance(leaf, torch.Tensor)), None)
+
+
+@dataclass
+class MicroBatchGradients:
+    """Every micro-batch seen since the last step, in order: pass by pass, in loader order within a pass."""
+
+    gradients: List[Optional[torch.Tensor]]  # per parameter, [M, *param.shape]; None: no micro-batch touched it
+    microbatch_sizes: torch.Tensor  # [M], samples in each micro-batch
+    layouts: List[MicroBatchLayout]  # one per pass that reached backward
+
+    @property
+    def num_microbatches(self) -> int:
+        return int(self.microbatch_sizes.numel())
+
+
+class MicroBatchGradSampleModule(GradSampleModule):
+    """A ``GradSampleModule`` whose ``p.grad_sample`` holds micro-batch gradients ``[M, *p.shape]``.
+
+    With ``microbatch_size=1`` they are Opacus's per-sample gradients. mbclip keeps its own sampler
+    registry (``mbclip.register_microbatch_sampler``); Opacus's registry is neither read nor changed.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        microbatch_size: int,
+        batch_first: bool = True,
+        loss_reduction: str = "mean",
+        microbatch_reduction: str = "mean",
+    ):
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ConfigurationError(f"loss_reduction={loss_reduction!r}: use one of {LOSS_REDUCTIONS}.")
+        if microbatch_reduction not in MICROBATCH_REDUCTIONS:
+            raise ConfigurationError(
+                f"microbatch_reduction={microbatch_reduction!r}: use one of {MICROBATCH_REDUCTIONS}."
+            )
+        self._plan = plan_hooks(module)
+        self.microbatch_size = microbatch_size
+        self.microbatch_reduction = microbatch_reduction
+        super().__init__(module, batch_first=batch_first, loss_reduction=loss_reduction, strict=False)
+        self._param_names = {p: name for name, p in module.named_parameters()}
+        self._reset_passes()
+
+    # -- Opacus extension points -------------------------------------------------------------
+
+    @classmethod
+    def validate(cls, module: nn.Module, *, strict: bool = False) -> list:
+        """mbclip's own support check is :func:`plan_hooks`; buffers are fine here."""
+        return []
+
+    def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True, force_functorch=False) -> None:
+        if hasattr(self._module, "autograd_grad_sample_hooks"):
+            raise ConfigurationError("this model already carries per-sample gradient hooks; wrap the original model.")
+        handles = []
+        for layer in self._plan:
+            hook = partial(self._on_forward, layer=layer)
+            handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
+        self._module.autograd_grad_sample_hooks = handles
+        self.autograd_grad_sample_hooks = handles
+        self.enable_hooks()
+
+    def remove_hooks(self) -> None:
+        super().remove_hooks()
+        self._reset_passes()
+
+    def set_grad_sample_to_none(self) -> None:
+        super().set_grad_sample_to_none()
+        self._reset_passes()
+
+    # -- passes --------------------------------------------------------------------------------
+
+    def _reset_passes(self) -> None:
+        self._pass_batch_sizes: List[int] = []
+        self._current_pass: Optional[int] = None
+        self._sums: Dict[nn.Parameter, Dict[int, torch.Tensor]] = {}
+        self._claimed: Dict[nn.Parameter, int] = {}
+        self._inside_fallback = False
+
+    @property
+    def num_passes(self) -> int:
+        """Forward passes recorded since the last step (each one batch)."""
+        return len(self._pass_batch_sizes)
+
+    def forward(self, *args, **kwargs):
+        recording = self.hooks_enabled and self.training and torch.is_grad_enabled()
+        if recording:
+            self._pass_batch_sizes.append(self._batch_size_of(args, kwargs))
+            self._current_pass = len(self._pass_batch_sizes) - 1
+            self._claimed = {}
+        try:
+            return self._module(*args, **kwargs)
+        finally:
+            self._current_pass = None
+
+    def _batch_size_of(self, args: Sequence, kwargs: Dict) -> int:
+        first = _first_tensor(args, kwargs)
+        if isinstance(first, PackedSequence):
+            return int(first.batch_sizes[0]) if first.batch_sizes.numel() else 0
+        if first is None or first.dim() == 0:
+            raise BatchError(
+                "mbclip reads the batch size from the model's first tensor input, and this call has none with a "
+                "batch dimension. Pass the batch as a tensor [B, ...] (or [T, B, ...] with batch_first=False)."
+            )
+        batch_dim = 0 if self.batch_first or first.dim() < 2 else 1
+        return int(first.shape[batch_dim])
+
+    # -- forward: keep each call's inputs, hook its outputs ------------------------------------
+
+    def _on_forward(self, module: nn.Module, args, kwargs, output, *, layer: HookedLayer) -> None:
+        if self._current_pass is None or self._inside_fallback or not module.training:
+            return
+        batch_size = self._pass_batch_sizes[self._current_pass]
+        leaves, _ = tree_flatten(output)
+        needs_grad = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if batch_size == 0 or not needs_grad:
+            return
+        sampler = layer.sampler
+        first = _first_tensor(args, kwargs)
+        batch_dim = None
+        if isinstance(first, torch.Tensor) and first.dim() > 0:
+            if sampler is not None and sampler.batch_dim is not None:
+                batch_dim = sampler.batch_dim if first.shape[sampler.batch_dim] == batch_size else None
+            else:
+                batch_dim = infer_batch_dim(first.shape, batch_size, self.batch_first)
+            if batch_dim is None and sampler is not None:
+                # A call on a tensor without the batch (e.g. a projection of positional encodings shared by
+                # all samples): its per-sample gradients live in the enclosing layer, which claims them.
+                return
+        if sampler is not None:
+            params = trainable(module)
+        else:
+            params = trainable(module, recurse=False) + [
+                p for p in trainable(module) if p not in self._claimed
+            ]
+            params = list(dict.fromkeys(params))
+        for p in params:
+            self._claimed[p] = self._current_pass
+        call = LayerCall(
+            args=_detach(tuple(args)),
+            kwargs=_detach(dict(kwargs)),
+            layout=MicroBatchLayout(batch_size, self.microbatch_size),
+            batch_dim=batch_dim,
+            batch_first=self.batch_first,
+            pass_index=self._current_pass,
+            outputs=leaves if (sampler is None or sampler.keep_outputs) else (),
+        )
+        on_grads = partial(self._on_output_grads, module, layer, call, params, needs_grad, len(leaves))
+        on_output_gradients([leaves[i] for i in needs_grad], on_grads)
+
+    # -- backward: micro-batch sums per parameter and pass -------------------------------------
+
+    def _on_output_grads(
+        self,
+        module: nn.Module,
+        layer: HookedLayer,
+        call: LayerCall,
+        params: List[nn.Parameter],
+        needs_grad: List[int],
+        num_leaves: int,
+        grads: Sequence[Optional[torch.Tensor]],
+    ) -> None:
+        if self._inside_fallback or not self.hooks_enabled:
+            return
+        scale = call.layout.batch_size if self.loss_reduction == "mean" else 1
+        grad_outputs: List[Optional[torch.Tensor]] = [None] * num_leaves
+        for index, grad in zip(needs_grad, grads):
+            if grad is not None:
+                grad_outputs[index] = grad.detach() * scale
+        if layer.sampler is not None:
+            sums = layer.sampler.fn(module, call, grad_outputs)
+        else:
+            self._inside_fallback = True
+            try:
+                sums = autograd_microbatch_sums(module, call, grad_outputs, params)
+            finally:
+                self._inside_fallback = False
+        for param, microbatch_sums in sums.items():
+            if microbatch_sums is None:
+                continue
+            per_pass = self._sums.setdefault(param, {})
+            if call.pass_index in per_pass:
+                per_pass[call.pass_index] = per_pass[call.pass_index] + microbatch_sums
+            else:
+                per_pass[call.pass_index] = microbatch_sums
+
+    # -- what the optimizer reads --------------------------------------------------------------
+
+    def collect(self, params: Sequence[nn.Parameter]) -> Optional[MicroBatchGradients]:
+        """Micro-batch gradients of ``params`` over every pass that reached backward; ``None`` if none did.
+
+        Sets ``p.grad_sample`` to them too, as Opacus does with per-sample gradients.
+        """
+        passes = sorted({k for per_pass in self._sums.values() for k in per_pass})
+        if not passes:
+            return None
+        layouts = [MicroBatchLayout(self._pass_batch_sizes[k], self.microbatch_size) for k in passes]
+        device = next((t.device for per_pass in self._sums.values() for t in per_pass.values()), None)
+        sizes = torch.cat([layout.microbatch_sizes(device=device) for layout in layouts])
+        gradients: List[Optional[torch.Tensor]] = []
+        for p in params:
+            per_pass = self._sums.get(p)
+            if not per_pass:
+                gradients.append(None)
+                p.grad_sample = None
+                continue
+            pieces = [
+                per_pass[k] if k in per_pass else p.new_zeros((layout.num_microbatches,) + tuple(p.shape))
+                for k, layout in zip(passes, layouts)
+            ]
+            sums = torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
+            if self.microbatch_reduction == "mean":
+                sums = sums / sizes.to(sums.dtype).reshape((-1,) + (1,) * p.dim())
+            gradients.append(sums)
+            p.grad_sample = sums
+        return MicroBatchGradients(gradients, sizes, layouts)
+
+    def plain_gradient_of(self, p: nn.Parameter) -> Optional[torch.Tensor]:
+        """The gradient autograd should hold for ``p``, rebuilt from the micro-batch sums (for checking)."""
+        return self._reduce_passes(p, lambda sums: sums.sum(dim=0))
+
+    def gradient_magnitude_of(self, p: nn.Parameter) -> float:
+        """Norm of the sum of absolute micro-batch sums: the scale of rounding in :meth:`plain_gradient_of`."""
+        total = self._reduce_passes(p, lambda sums: sums.abs().sum(dim=0))
+        return float(total.norm()) if total is not None else 0.0
+
+    def _reduce_passes(self, p: nn.Parameter, reduce) -> Optional[torch.Tensor]:
+        per_pass = self._sums.get(p)
+        if not per_pass:
+            return None
+        total = None
+        for k, sums in per_pass.items():
+            part = reduce(sums)
+            if self.loss_reduction == "mean":
+                part = part / self._pass_batch_sizes[k]
+            total = part if total is None else total + part
+        return total
+
+    def parameter_name(self, p: nn.Parameter) -> str:
+        return self._param_names.get(p, "<unnamed parameter>")
+
+    def hooked_layers(self) -> Iterator[Tuple[str, str]]:
+        """``(layer name, how)`` for every hooked layer: the sampler's name or ``autograd fallback``."""
+        for layer in self._plan:
+            yield layer.name, layer.sampler.fn.__name__ if layer.sampler else "autograd fallback"

@@ -1,0 +1,88 @@
+"""The generic path for any layer without a registered sampler: batched autograd over micro-batches.
+
+When the gradient of a layer's outputs arrives, one ``torch.autograd.grad(..., is_grads_batched=True)``
+call walks the layer's own, still-recorded graph once per micro-batch (vectorised by vmap), with the
+output gradient masked to that micro-batch's samples. Nothing is re-run: dropout masks, keyword
+arguments and raw ``nn.Parameter``s used anywhere in the layer's forward are all covered exactly.
+The cost is ``M`` vector-Jacobian products through the layer, so registered samplers stay faster.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from mbclip.errors import BatchError
+from mbclip.samplers.registry import LayerCall
+
+# Bound on the elements of the stacked output gradients per autograd call (memory of the fallback).
+MAX_BATCHED_ELEMENTS = 1 << 26
+
+
+def infer_batch_dim(shape: Sequence[int], batch_size: int, batch_first: bool) -> Optional[int]:
+    """The dimension of ``shape`` that holds the batch: 0 or 1, the model's ``batch_first`` breaking ties."""
+    candidates = [dim for dim in (0, 1) if dim < len(shape) and shape[dim] == batch_size]
+    if not candidates:
+        return None
+    if len(candidates) == 2:
+        return 0 if batch_first else 1
+    return candidates[0]
+
+
+def _masked_output_grads(
+    grad: torch.Tensor, batch_dim: int, call: LayerCall, first: int, last: int
+) -> torch.Tensor:
+    """``[last - first, *grad.shape]``: ``grad`` kept only on the samples of each micro-batch in range."""
+    sample_microbatch = call.layout.microbatch_index(grad.device)
+    chosen = torch.arange(first, last, device=grad.device)
+    mask = (sample_microbatch.unsqueeze(0) == chosen.unsqueeze(1)).to(grad.dtype)  # [K, B]
+    shape = [mask.shape[0]] + [1] * grad.dim()
+    shape[1 + batch_dim] = grad.shape[batch_dim]
+    return mask.reshape(shape) * grad.unsqueeze(0)
+
+
+def autograd_microbatch_sums(
+    module: nn.Module,
+    call: LayerCall,
+    grad_outputs: Sequence[Optional[torch.Tensor]],
+    params: List[nn.Parameter],
+) -> Dict[nn.Parameter, torch.Tensor]:
+    """Micro-batch sums of per-sample gradients of ``params`` through ``module``'s recorded graph."""
+    outputs, grads, batch_dims = [], [], []
+    for output, grad in zip(call.outputs, grad_outputs):
+        if output is None or grad is None:
+            continue
+        batch_dim = infer_batch_dim(grad.shape, call.layout.batch_size, call.batch_first)
+        if batch_dim is None:
+            raise BatchError(
+                f"{type(module).__name__} returned a tensor of shape {tuple(grad.shape)} with no dimension of the "
+                f"batch size {call.layout.batch_size} in its first two dims, so mbclip cannot tell its samples apart. "
+                "Return per-sample outputs from the module (reduce over the batch outside it), or register a sampler "
+                "for it with mbclip.register_microbatch_sampler."
+            )
+        outputs.append(output)
+        grads.append(grad)
+        batch_dims.append(batch_dim)
+    num_microbatches = call.layout.num_microbatches
+    if not outputs or not params:
+        return {p: None for p in params}
+    elements = max(sum(g.numel() for g in grads), 1)
+    chunk = max(1, min(num_microbatches, MAX_BATCHED_ELEMENTS // elements))
+    pieces: Dict[nn.Parameter, List[torch.Tensor]] = {p: [] for p in params}
+    for first in range(0, num_microbatches, chunk):
+        last = min(first + chunk, num_microbatches)
+        batched = [_masked_output_grads(g, d, call, first, last) for g, d in zip(grads, batch_dims)]
+        try:
+            param_grads = torch.autograd.grad(
+                outputs, params, batched, retain_graph=True, is_grads_batched=True, allow_unused=True
+            )
+        except RuntimeError as error:
+            raise BatchError(
+                f"mbclip could not differentiate {type(module).__name__} per micro-batch through its recorded graph "
+                f"({error}). Register a sampler for this layer with mbclip.register_microbatch_sampler."
+            ) from error
+        for param, grad in zip(params, param_grads):
+            pieces[param].append(grad if grad is not None else param.new_zeros((last - first,) + tuple(param.shape)))
+    return {p: torch.cat(chunks, dim=0) for p, chunks in pieces.items()}

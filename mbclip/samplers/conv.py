@@ -1,0 +1,56 @@
+"""Convolutions (any groups, so depthwise too), with micro-batches folded into conv groups.
+
+The weight gradient of a convolution over a batch is a native kernel call. Reshaping the input
+``[B, C, ...]`` to ``[b, M*C, ...]`` and the output gradient to ``[b, M*O, ...]`` and asking for
+the weight gradient with ``M * groups`` groups gives every micro-batch's weight gradient at once:
+memory M x params, no unfolded patches.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mbclip.samplers.registry import LayerCall, register_microbatch_sampler
+
+_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+
+
+def fold_microbatches_into_channels(tensor: torch.Tensor, call: LayerCall) -> torch.Tensor:
+    """``[B, C, *S]`` -> ``[b, M * C, *S]`` (zero-padded ragged micro-batch)."""
+    grouped = call.layout.group(tensor)  # [M, b, C, *S]
+    grouped = grouped.transpose(0, 1)
+    return grouped.reshape((grouped.shape[0], -1) + tuple(grouped.shape[3:]))
+
+
+@register_microbatch_sampler(nn.Conv1d, nn.Conv2d, nn.Conv3d, batch_dim=0)
+def conv_sampler(module: nn.Module, call: LayerCall, grad_outputs: Sequence[Optional[torch.Tensor]]) -> Dict:
+    grad_output = grad_outputs[0]
+    activations = call.input.to(grad_output.dtype)
+    if activations.dim() == module.weight.dim() - 1:  # unbatched input is a batch of one
+        activations, grad_output = activations.unsqueeze(0), grad_output.unsqueeze(0)
+    padding = module.padding
+    if isinstance(padding, str) or module.padding_mode != "zeros":
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        activations = F.pad(activations, module._reversed_padding_repeated_twice, mode=mode)
+        padding = 0
+    num_microbatches = call.layout.num_microbatches
+    result = {}
+    if module.weight.requires_grad:
+        weight_grad = _WEIGHT_GRAD[module.weight.dim() - 2](
+            fold_microbatches_into_channels(activations, call),
+            (num_microbatches * module.weight.shape[0],) + tuple(module.weight.shape[1:]),
+            fold_microbatches_into_channels(grad_output, call),
+            stride=module.stride,
+            padding=padding,
+            dilation=module.dilation,
+            groups=num_microbatches * module.groups,
+        )
+        result[module.weight] = weight_grad.reshape((num_microbatches,) + tuple(module.weight.shape))
+    if module.bias is not None and module.bias.requires_grad:
+        per_sample = grad_output.reshape(grad_output.shape[0], grad_output.shape[1], -1).sum(dim=2)
+        result[module.bias] = call.layout.sum_per_microbatch(per_sample)
+    return result

@@ -1,0 +1,106 @@
+"""mbclip's own registry of micro-batch samplers, one per layer type.
+
+Kept apart from Opacus's ``GradSampleModule.GRAD_SAMPLERS`` on purpose: that dict is shared by
+Opacus's hook classes, and writing micro-batch samplers into it would change Opacus for everyone
+in the process.
+
+A sampler answers one question for one forward call of one layer: the micro-batch SUMS of the
+per-sample gradients of the parameters it owns, each of shape ``[M, *param.shape]``. The grad
+module turns sums into means and the optimizer clips them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type
+
+import torch
+from torch import nn
+
+from mbclip.layout import MicroBatchLayout
+
+
+@dataclass
+class LayerCall:
+    """What one forward call of a hooked layer saw, kept until its backward.
+
+    ``args`` and ``kwargs`` hold the call's inputs, tensors detached. ``batch_dim`` is where the
+    batch lies in the first tensor argument (``None`` when it is not a plain tensor, e.g. a
+    ``PackedSequence``). ``outputs`` are the raw output tensors (flattened with
+    ``torch.utils._pytree``), kept only for samplers registered with ``keep_outputs=True``.
+    """
+
+    args: Tuple[Any, ...]
+    kwargs: Dict[str, Any]
+    layout: MicroBatchLayout
+    batch_dim: Optional[int]
+    batch_first: bool
+    pass_index: int
+    outputs: Sequence[Optional[torch.Tensor]] = field(default_factory=tuple)
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input(self) -> torch.Tensor:
+        """The first positional argument (the activations of most layers)."""
+        return self.args[0]
+
+
+# sampler(module, call, grad_outputs) -> {param: micro-batch sums [M, *param.shape]}
+# grad_outputs: the gradient of the per-sample losses w.r.t. every flattened output leaf
+# (``None`` where a leaf got none); already rescaled when the loss is a batch mean.
+SamplerFn = Callable[[nn.Module, LayerCall, Sequence[Optional[torch.Tensor]]], Dict[nn.Parameter, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class MicroBatchSampler:
+    """A registered sampler and how the grad module must call it.
+
+    ``batch_dim``: fixed batch dimension of the layer's input (``0`` for convolutions), or ``None``
+    to infer it from the batch size. ``keep_outputs``: keep the raw outputs of each call (with
+    their autograd graph) for the sampler. A registered sampler owns every parameter of the
+    layer's subtree: mbclip does not hook the layer's children.
+    """
+
+    fn: SamplerFn
+    batch_dim: Optional[int] = None
+    keep_outputs: bool = False
+    check: Optional[Callable[[nn.Module], Optional[str]]] = None
+
+
+MICROBATCH_SAMPLERS: Dict[Type[nn.Module], MicroBatchSampler] = {}
+
+# Layer types that cannot be sampled exactly, with the reason and the fix shown to the user.
+UNSUPPORTED_LAYERS: Dict[Type[nn.Module], str] = {}
+
+
+def register_microbatch_sampler(
+    *module_types: Type[nn.Module],
+    batch_dim: Optional[int] = None,
+    keep_outputs: bool = False,
+    check: Optional[Callable[[nn.Module], Optional[str]]] = None,
+) -> Callable[[SamplerFn], SamplerFn]:
+    """Decorator: register ``fn`` as the micro-batch sampler of ``module_types`` (exact types).
+
+    ``check(module)`` may return why a particular instance cannot be sampled (shown at wrap time).
+    """
+
+    def decorator(fn: SamplerFn) -> SamplerFn:
+        for module_type in module_types:
+            MICROBATCH_SAMPLERS[module_type] = MicroBatchSampler(fn, batch_dim, keep_outputs, check)
+            UNSUPPORTED_LAYERS.pop(module_type, None)
+        return fn
+
+    return decorator
+
+
+def mark_unsupported(module_type: Type[nn.Module], reason: str) -> None:
+    """Refuse ``module_type`` at wrap time with ``reason`` (which should name the fix)."""
+    if module_type not in MICROBATCH_SAMPLERS:
+        UNSUPPORTED_LAYERS[module_type] = reason
+
+
+def batch_to_front(tensor: torch.Tensor, batch_dim: Optional[int]) -> torch.Tensor:
+    """Move the batch dimension of ``tensor`` to dim 0."""
+    if batch_dim in (None, 0):
+        return tensor
+    return tensor.movedim(batch_dim, 0)

@@ -1,0 +1,74 @@
+"""The brute-force reference every test compares against.
+
+Each micro-batch runs alone through plain autograd; its gradient is clipped as the issue defines;
+the clipped gradients are averaged. Nothing of mbclip is used here.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+# per_sample_losses(model, samples) -> losses [len(samples)]; samples is a slice or an index tensor
+PerSampleLosses = Callable[[nn.Module, slice], torch.Tensor]
+
+
+@dataclass
+class Reference:
+    update: List[torch.Tensor]  # one per parameter
+    norms: torch.Tensor  # [M]
+    factors: torch.Tensor  # [M] or [M, P]
+    gradients: List[List[torch.Tensor]]  # [M][P], unclipped micro-batch gradients
+
+
+def reference_update(
+    model: nn.Module,
+    per_sample_losses: PerSampleLosses,
+    batch_size: int,
+    microbatch_size: int,
+    clipping: str = "fixed",
+    max_grad_norm: Union[None, float, Sequence[float]] = None,
+    microbatch_reduction: str = "mean",
+    params: Optional[List[nn.Parameter]] = None,
+) -> Reference:
+    model = copy.deepcopy(model)
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else params
+    gradients = []
+    for start in range(0, batch_size, microbatch_size):
+        losses = per_sample_losses(model, slice(start, min(start + microbatch_size, batch_size)))
+        loss = losses.mean() if microbatch_reduction == "mean" else losses.sum()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        gradients.append([torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)])
+    per_param = torch.stack([torch.stack([g.norm() for g in gs]) for gs in gradients])  # [M, P]
+    norms = per_param.norm(dim=1)
+    if clipping == "fixed":
+        factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    elif clipping == "adaptive":
+        factors = norms.min() / (norms + 1e-6)
+    elif clipping == "per_layer":
+        bounds = max_grad_norm if isinstance(max_grad_norm, (list, tuple)) else [max_grad_norm] * len(params)
+        factors = (torch.tensor(bounds, dtype=per_param.dtype) / (per_param + 1e-6)).clamp(max=1.0)
+    else:
+        raise ValueError(clipping)
+    num = len(gradients)
+    update = []
+    for i, p in enumerate(params):
+        total = torch.zeros_like(p)
+        for j, gs in enumerate(gradients):
+            factor = factors[j] if factors.dim() == 1 else factors[j, i]
+            total = total + factor * gs[i]
+        update.append(total / num)
+    return Reference(update, norms, factors, gradients)
+
+
+def assert_close_update(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor], rtol: float = 1e-10) -> None:
+    """Relative agreement over the whole flat update vector (and per parameter, scaled by the whole)."""
+    flat_actual = torch.cat([a.reshape(-1) for a in actual])
+    flat_expected = torch.cat([e.reshape(-1) for e in expected])
+    scale = flat_expected.norm().clamp_min(1e-300)
+    error = (flat_actual - flat_expected).norm()
+    assert error <= rtol * scale, f"relative error {float(error / scale):.3e} > {rtol:.1e}"

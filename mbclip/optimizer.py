@@ -212,9 +212,15 @@ class MicroBatchOptimizer(DPOptimizer):
         return float(max(num_kept, 1))
 
     def _verify(self, collected: MicroBatchGradients) -> None:
-        """Every gradient autograd computed must be the sum of the micro-batch gradients mbclip computed."""
+        """Every gradient autograd computed must be the sum of the micro-batch gradients mbclip computed.
+
+        Rounding is judged against each parameter's own scale (sum of absolute micro-batch terms) plus a
+        floor from the whole model's scale: a gradient that cancels to ~0 (a bias before a norm) is noise.
+        """
         module = self.grad_module
-        for p, g in zip(self.params, collected.gradients):
+        bounds = {p: module.gradient_magnitude_of(p) for p in self.params}
+        floor = 1e-3 * math.sqrt(sum(b * b for b in bounds.values()))
+        for p in self.params:
             rebuilt = module.plain_gradient_of(p)
             actual = p.grad
             name = module.parameter_name(p)
@@ -230,21 +236,15 @@ class MicroBatchOptimizer(DPOptimizer):
             if actual is None or not (torch.isfinite(rebuilt).all() and torch.isfinite(actual).all()):
                 continue
             tolerance = _CHECK_TOLERANCE.get(actual.dtype, 1e-4)
-            bound = module.gradient_magnitude_of(p)
-            error = (rebuilt.to(actual.dtype) - actual).norm()
-            if error <= tolerance * bound + 1e-30:
+            error = float((rebuilt.to(actual.dtype) - actual).norm())
+            if error <= tolerance * (bounds[p] + floor) + 1e-30:
                 continue
-            raise BatchError(self._mismatch_message(name, rebuilt.to(actual.dtype), actual))
+            raise BatchError(self._mismatch_message(name))
 
-    def _mismatch_message(self, name: str, rebuilt: torch.Tensor, actual: torch.Tensor) -> str:
-        ratio = float((rebuilt * actual).sum() / (rebuilt * rebuilt).sum().clamp_min(1e-300))
+    def _mismatch_message(self, name: str) -> str:
         message = f"the micro-batch gradients of '{name}' do not add up to the gradient autograd computed"
         if self._grads_replaced:
             return message + ": gradients were not cleared since the last step. Call optimizer.zero_grad() first."
-        if self.loss_reduction == "mean" and ratio > 1.5:
-            return message + f" (it is {ratio:.3g}x larger): the loss looks like a sum. Pass loss_reduction='sum'."
-        if self.loss_reduction == "sum" and 0 < ratio < 0.75:
-            return message + f" (it is {ratio:.3g}x): the loss looks like a batch mean. Pass loss_reduction='mean'."
         return message + (
             ". A layer mixes samples (e.g. BatchNorm, or a loss that is not a sum of per-sample terms), or uses "
             "the parameter outside its forward. Fix the model, or register a sampler for the layer."

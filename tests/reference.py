@@ -43,6 +43,13 @@ def reference_update(
         loss = losses.mean() if microbatch_reduction == "mean" else losses.sum()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         gradients.append([torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)])
+    return clip_and_average(gradients, clipping, max_grad_norm)
+
+
+def clip_and_average(
+    gradients: List[List[torch.Tensor]], clipping: str, max_grad_norm: Union[None, float, Sequence[float]]
+) -> Reference:
+    """Clip each micro-batch gradient (a list over parameters) as the issue defines, then average them."""
     per_param = torch.stack([torch.stack([g.norm() for g in gs]) for gs in gradients])  # [M, P]
     norms = per_param.norm(dim=1)
     if clipping == "fixed":
@@ -50,14 +57,15 @@ def reference_update(
     elif clipping == "adaptive":
         factors = norms.min() / (norms + 1e-6)
     elif clipping == "per_layer":
-        bounds = max_grad_norm if isinstance(max_grad_norm, (list, tuple)) else [max_grad_norm] * len(params)
+        num_params = per_param.shape[1]
+        bounds = max_grad_norm if isinstance(max_grad_norm, (list, tuple)) else [max_grad_norm] * num_params
         factors = (torch.tensor(bounds, dtype=per_param.dtype) / (per_param + 1e-6)).clamp(max=1.0)
     else:
         raise ValueError(clipping)
     num = len(gradients)
     update = []
-    for i, p in enumerate(params):
-        total = torch.zeros_like(p)
+    for i in range(per_param.shape[1]):
+        total = torch.zeros_like(gradients[0][i])
         for j, gs in enumerate(gradients):
             factor = factors[j] if factors.dim() == 1 else factors[j, i]
             total = total + factor * gs[i]

@@ -1,0 +1,224 @@
+"""Every core layer, every clipping mode, every micro-batch size: equal to the brute-force reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import mbclip_update
+from reference import assert_close_update, reference_update
+
+B = 7
+MICROBATCH_SIZES = [1, 2, 3, B, B + 3]
+MODES = [("fixed", 0.05), ("fixed", 100.0), ("adaptive", None), ("per_layer", 0.02)]
+
+
+class Transpose(nn.Module):
+    def __init__(self, a, b):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x):
+        return x.transpose(self.a, self.b)
+
+
+class RawParameters(nn.Module):
+    """A module owning raw parameters used outside any Linear, with dropout and a keyword argument."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(dim))
+        self.shift = nn.Parameter(torch.randn(dim))
+        self.dropout = nn.Dropout(0.3)
+
+    def forward(self, x, gain=1.0):
+        return self.dropout(torch.tanh(x * self.scale + self.shift)) * gain
+
+
+class KeywordCaller(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.raw = RawParameters(dim)
+
+    def forward(self, x):
+        return self.raw(x, gain=2.0)
+
+
+def sequence_regression(make_input, make_target):
+    x, y = make_input(), make_target()
+
+    def losses(model, samples):
+        out = model(x[samples])
+        return ((out - y[samples]) ** 2).reshape(out.shape[0], -1).mean(dim=1)
+
+    return losses
+
+
+def classification(x, num_classes):
+    y = torch.randint(0, num_classes, (x.shape[0],))
+
+    def losses(model, samples):
+        return F.cross_entropy(model(x[samples]), y[samples], reduction="none")
+
+    return losses
+
+
+def _case(name):
+    if name == "linear":
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+        return model, classification(torch.randn(B, 5), 3)
+    if name == "linear_sequence":
+        model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 4, bias=False))
+        return model, sequence_regression(lambda: torch.randn(B, 4, 5), lambda: torch.randn(B, 4, 4))
+    if name == "conv1d":
+        model = nn.Sequential(
+            nn.Conv1d(4, 6, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(6, 6, 5, groups=6, padding="same", padding_mode="reflect"),  # depthwise
+            nn.Conv1d(6, 4, 3, stride=2, dilation=2, groups=2),
+            nn.Flatten(),
+            nn.Linear(4 * 3, 3),
+        )
+        return model, classification(torch.randn(B, 4, 9), 3)
+    if name == "conv2d":
+        model = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"),
+            nn.Tanh(),
+            nn.Conv2d(4, 4, (3, 2), groups=4, stride=(2, 1)),
+            nn.Flatten(),
+            nn.Linear(4 * 2 * 4, 3),
+        )
+        return model, classification(torch.randn(B, 3, 6, 5), 3)
+    if name == "conv3d":
+        model = nn.Sequential(nn.Conv3d(2, 3, 2), nn.Flatten(), nn.Linear(3 * 8, 2))
+        return model, classification(torch.randn(B, 2, 3, 3, 3), 2)
+    if name == "embedding":
+        model = nn.Sequential(nn.Embedding(11, 5, padding_idx=0), nn.Linear(5, 3))
+        tokens = torch.randint(0, 11, (B, 6))
+        tokens[0, :2] = 0
+        return model, sequence_regression(lambda: tokens, lambda: torch.randn(B, 6, 3))
+    if name == "layer_norm":
+        model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 6), nn.LayerNorm([6], bias=False))
+        return model, sequence_regression(lambda: torch.randn(B, 3, 5), lambda: torch.randn(B, 3, 6))
+    if name == "rms_norm":
+        model = nn.Sequential(nn.Linear(5, 6), nn.RMSNorm(6), nn.Linear(6, 2))
+        return model, sequence_regression(lambda: torch.randn(B, 3, 5), lambda: torch.randn(B, 3, 2))
+    if name == "group_norm":
+        model = nn.Sequential(nn.Conv1d(3, 6, 3), nn.GroupNorm(3, 6), nn.Flatten(), nn.Linear(6 * 5, 2))
+        return model, classification(torch.randn(B, 3, 7), 2)
+    if name == "instance_norm":
+        model = nn.Sequential(
+            nn.Conv2d(2, 4, 3),
+            nn.InstanceNorm2d(4, affine=True),
+            nn.Conv2d(4, 2, 1),
+            nn.InstanceNorm2d(2, affine=True, track_running_stats=True),
+            nn.Flatten(),
+            nn.Linear(2 * 9, 2),
+        )
+        return model, classification(torch.randn(B, 2, 5, 5), 2)
+    if name == "instance_norm1d":
+        model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.InstanceNorm1d(4, affine=True), nn.Flatten(), nn.Linear(4 * 5, 2))
+        return model, classification(torch.randn(B, 2, 7), 2)
+    if name == "fallback":  # raw parameters, dropout, keyword arguments: the autograd fallback
+        model = nn.Sequential(nn.Linear(5, 6), KeywordCaller(6), RawParameters(6), nn.Linear(6, 3))
+        return model, sequence_regression(lambda: torch.randn(B, 4, 5), lambda: torch.randn(B, 4, 3))
+    if name == "time_first":  # batch_first=False: sequences [T, B, D]
+        model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), RawParameters(6), nn.Linear(6, 2))
+        x, y = torch.randn(4, B, 5), torch.randn(4, B, 2)
+
+        def losses(m, samples):
+            return ((m(x[:, samples]) - y[:, samples]) ** 2).mean(dim=(0, 2))
+
+        return model, losses
+    raise KeyError(name)
+
+
+LAYER_CASES = [
+    "linear",
+    "linear_sequence",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "embedding",
+    "layer_norm",
+    "rms_norm",
+    "group_norm",
+    "instance_norm",
+    "instance_norm1d",
+    "fallback",
+    "time_first",
+]
+
+
+def _check(case, microbatch_size, clipping, max_grad_norm, loss_reduction="mean", microbatch_reduction="mean"):
+    torch.manual_seed(1)
+    model, losses = _case(case)
+    batch_first = case != "time_first"
+    # dropout: the reference and mbclip must see the same masks, so both start from the same RNG state
+    rng = torch.get_rng_state()
+    if any(isinstance(m, nn.Dropout) for m in model.modules()):
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0  # masks differ between a whole-batch and a per-micro-batch forward; exactness with
+                # real dropout masks is covered in test_fallback_dropout_masks_are_the_real_ones
+    ref = reference_update(model, losses, B, microbatch_size, clipping, max_grad_norm, microbatch_reduction)
+    torch.set_rng_state(rng)
+    update, optimizer = mbclip_update(
+        model, losses, microbatch_size, clipping, max_grad_norm, loss_reduction, microbatch_reduction, batch_first
+    )
+    assert_close_update(update, ref.update)
+    torch.testing.assert_close(optimizer.last_step.microbatch_norms, ref.norms, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", LAYER_CASES)
+@pytest.mark.parametrize("microbatch_size", MICROBATCH_SIZES)
+def test_layer_matches_reference_fixed(case, microbatch_size):
+    _check(case, microbatch_size, "fixed", 0.05)
+
+
+@pytest.mark.parametrize("case", LAYER_CASES)
+@pytest.mark.parametrize("clipping,max_grad_norm", MODES[1:])
+@pytest.mark.parametrize("microbatch_size", [1, 3])
+def test_layer_matches_reference_all_modes(case, clipping, max_grad_norm, microbatch_size):
+    _check(case, microbatch_size, clipping, max_grad_norm)
+
+
+@pytest.mark.parametrize("case", ["linear_sequence", "conv1d", "embedding", "fallback"])
+@pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
+@pytest.mark.parametrize("microbatch_reduction", ["mean", "sum"])
+def test_reductions(case, loss_reduction, microbatch_reduction):
+    _check(case, 3, "fixed", 0.05, loss_reduction, microbatch_reduction)
+
+
+def test_fallback_dropout_masks_are_the_real_ones():
+    """The fallback differentiates the recorded graph, so it uses the masks of the real forward."""
+    from mbclip import MicroBatchClipping
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 6), RawParameters(6), nn.Linear(6, 1))
+    x = torch.randn(B, 5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=model, optimizer=optimizer, microbatch_size=2, max_grad_norm=1e6
+    )
+    out = wrapped(x)
+    # Without clipping the update is the mean of micro-batch means; rebuild it from per-sample autograd on
+    # the same graph (so with the same dropout masks), hooks off meanwhile.
+    raw = model[1]
+    wrapped.disable_hooks()
+    per_sample = []
+    for i in range(B):
+        mask_out = torch.zeros(B, 1)
+        mask_out[i] = 1.0
+        (g,) = torch.autograd.grad(out, raw.scale, mask_out, retain_graph=True)
+        per_sample.append(g)
+    wrapped.enable_hooks()
+    out.mean().backward()
+    clipped.pre_step()
+    sizes = [2, 2, 2, 1]
+    groups, start = [], 0
+    for size in sizes:
+        groups.append(sum(per_sample[start : start + size]) / size)
+        start += size
+    expected = sum(groups) / len(groups)
+    torch.testing.assert_close(raw.scale.grad, expected, rtol=1e-10, atol=1e-12)

@@ -40,12 +40,7 @@ def _is_positive_int(value) -> bool:
 
 
 def _is_positive_finite(value) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _check_choice(name: str, value, choices: Sequence[str]) -> None:
@@ -204,7 +199,9 @@ class MicroBatchClipping:
         if not (isinstance(noise_multiplier, (int, float)) and not isinstance(noise_multiplier, bool)) or not (
             math.isfinite(noise_multiplier) and noise_multiplier >= 0
         ):
-            raise ConfigurationError(f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0 (0: no noise).")
+            raise ConfigurationError(
+                f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0 (0: no noise)."
+            )
         trainable = [p for p in module.parameters() if p.requires_grad]
         if not trainable:
             raise ConfigurationError("the model has no trainable parameters (none with requires_grad=True).")
@@ -230,7 +227,9 @@ class MicroBatchClipping:
                     "mbclip keeps your data loader as it is; drop poisson_sampling or set noise_multiplier > 0."
                 )
             if not isinstance(data_loader, DataLoader):
-                raise ConfigurationError("poisson_sampling=True needs the torch DataLoader to resample; pass data_loader.")
+                raise ConfigurationError(
+                    "poisson_sampling=True needs the torch DataLoader to resample; pass data_loader."
+                )
         plan_hooks(module)  # raises UnsupportedModuleError naming the layer
         return bool(poisson_sampling)
 
@@ -251,7 +250,9 @@ class MicroBatchClipping:
                 )
             bad = [c for c in max_grad_norm if not _is_positive_finite(c)]
             if bad:
-                raise ConfigurationError(f"every per-layer max_grad_norm must be a positive finite number, got {bad[0]!r}.")
+                raise ConfigurationError(
+                    f"every per-layer max_grad_norm must be a positive finite number, got {bad[0]!r}."
+                )
             return
         if not _is_positive_finite(max_grad_norm):
             raise ConfigurationError(

@@ -215,9 +215,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         if sampler is not None:
             params = trainable(module)
         else:
-            params = trainable(module, recurse=False) + [
-                p for p in trainable(module) if p not in self._claimed
-            ]
+            params = trainable(module, recurse=False) + [p for p in trainable(module) if p not in self._claimed]
             params = list(dict.fromkeys(params))
         for p in params:
             self._claimed[p] = self._current_pass

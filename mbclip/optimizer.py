@@ -18,7 +18,7 @@ from opacus.optimizers.optimizer import _generate_noise
 from torch.optim import Optimizer
 
 from mbclip import clipping as rules
-from mbclip.errors import BatchError, ConfigurationError
+from mbclip.errors import BatchError
 from mbclip.grad_module import MicroBatchGradients, MicroBatchGradSampleModule
 
 NONFINITE_POLICIES = ("skip", "raise")
@@ -116,7 +116,7 @@ class MicroBatchOptimizer(DPOptimizer):
             self.grad_module._reset_passes()
         self._grads_replaced = False
 
-    def attach_step_hook(self, fn: Callable[["MicroBatchOptimizer"], None]) -> None:
+    def attach_step_hook(self, fn: Callable[[MicroBatchOptimizer], None]) -> None:
         self.step_hook = fn
 
     # -- the step ------------------------------------------------------------------------------
@@ -157,7 +157,9 @@ class MicroBatchOptimizer(DPOptimizer):
         num_kept = kept.numel()
         sizes = collected.microbatch_sizes.to(norms.device)
         factors, clipped = self._clip_factors(norms[kept], per_param_norms[kept], present, params)
-        full_factors = torch.zeros((norms.numel(),) + tuple(factors.shape[1:]), dtype=factors.dtype, device=factors.device)
+        full_factors = torch.zeros(
+            (norms.numel(),) + tuple(factors.shape[1:]), dtype=factors.dtype, device=factors.device
+        )
         full_factors[kept] = factors
         normalizer = self._normalizer(collected, num_kept)
         applied = num_kept > 0

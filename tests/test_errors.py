@@ -93,11 +93,16 @@ def test_already_wrapped_module_and_optimizer():
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model, optimizer=optimizer, microbatch_size=2, max_grad_norm=1.0)
+        module=model, optimizer=optimizer, microbatch_size=2, max_grad_norm=1.0
+    )
     for module in (wrapped, model):
         with pytest.raises(ConfigurationError, match="already wrapped"):
-            MicroBatchClipping().make_clipped(module=module, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                                              microbatch_size=2, max_grad_norm=1.0)
+            MicroBatchClipping().make_clipped(
+                module=module,
+                optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                microbatch_size=2,
+                max_grad_norm=1.0,
+            )
     with pytest.raises(ConfigurationError, match="optimizer is already wrapped"):
         MicroBatchClipping().make_clipped(module=_model(), optimizer=clipped, microbatch_size=2, max_grad_norm=1.0)
     opacus_model = GradSampleModule(_model())
@@ -138,15 +143,22 @@ def test_no_epsilon_without_proof():
     engine = MicroBatchClipping()
     with pytest.raises(PrivacyError, match="make_clipped has not been called"):
         engine.get_epsilon(1e-5)
-    engine.make_clipped(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), microbatch_size=1,
-                        max_grad_norm=1.0)
+    engine.make_clipped(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), microbatch_size=1, max_grad_norm=1.0
+    )
     with pytest.raises(PrivacyError, match="without noise micro-batch clipping is a training method"):
         engine.get_epsilon(1e-5)
     model = _model()
     engine = MicroBatchClipping()
     loader = DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4)
-    engine.make_clipped(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), microbatch_size=2,
-                        max_grad_norm=1.0, noise_multiplier=1.0, data_loader=loader)
+    engine.make_clipped(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        microbatch_size=2,
+        max_grad_norm=1.0,
+        noise_multiplier=1.0,
+        data_loader=loader,
+    )
     with pytest.raises(PrivacyError, match="no epsilon is claimed for microbatch_size > 1"):
         engine.get_epsilon(1e-5)
 
@@ -155,7 +167,8 @@ def test_uncleared_gradients_are_named():
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model, optimizer=optimizer, microbatch_size=2, max_grad_norm=1.0)
+        module=model, optimizer=optimizer, microbatch_size=2, max_grad_norm=1.0
+    )
     x = torch.randn(4, 4)
     wrapped(x).sum().backward()
     clipped.step()
@@ -184,7 +197,8 @@ def test_parameter_used_outside_its_layer_is_named():
     model = Outer()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model, optimizer=optimizer, microbatch_size=2, max_grad_norm=1.0)
+        module=model, optimizer=optimizer, microbatch_size=2, max_grad_norm=1.0
+    )
     wrapped(torch.randn(4, 4)).pow(2).mean().backward()
     with pytest.raises(MbclipError, match="'tied.inner.weight' do not add up"):
         clipped.step()

@@ -15,14 +15,20 @@ B = 6
 
 
 def _model():
-    return nn.Sequential(nn.Conv1d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 5, 5), nn.LayerNorm(5),
-                         nn.Linear(5, 3))
+    return nn.Sequential(
+        nn.Conv1d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 5, 5), nn.LayerNorm(5), nn.Linear(5, 3)
+    )
 
 
 def _step_opacus(model, x, y, noise, loss_reduction, seed):
     module = GradSampleModule(model, loss_reduction=loss_reduction)
-    optimizer = DPOptimizer(torch.optim.SGD(module.parameters(), lr=1.0), noise_multiplier=noise, max_grad_norm=0.1,
-                            expected_batch_size=B, loss_reduction=loss_reduction)
+    optimizer = DPOptimizer(
+        torch.optim.SGD(module.parameters(), lr=1.0),
+        noise_multiplier=noise,
+        max_grad_norm=0.1,
+        expected_batch_size=B,
+        loss_reduction=loss_reduction,
+    )
     optimizer.zero_grad()
     F.cross_entropy(module(x), y, reduction=loss_reduction).backward()
     torch.manual_seed(seed)
@@ -33,8 +39,13 @@ def _step_opacus(model, x, y, noise, loss_reduction, seed):
 def _step_mbclip(model, x, y, noise, loss_reduction, seed):
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     module, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model, optimizer=optimizer, microbatch_size=1, max_grad_norm=0.1, noise_multiplier=noise,
-        loss_reduction=loss_reduction)
+        module=model,
+        optimizer=optimizer,
+        microbatch_size=1,
+        max_grad_norm=0.1,
+        noise_multiplier=noise,
+        loss_reduction=loss_reduction,
+    )
     clipped.zero_grad()
     F.cross_entropy(module(x), y, reduction=loss_reduction).backward()
     torch.manual_seed(seed)

@@ -31,9 +31,7 @@ def infer_batch_dim(shape: Sequence[int], batch_size: int, batch_first: bool) ->
     return candidates[0]
 
 
-def _masked_output_grads(
-    grad: torch.Tensor, batch_dim: int, call: LayerCall, first: int, last: int
-) -> torch.Tensor:
+def _masked_output_grads(grad: torch.Tensor, batch_dim: int, call: LayerCall, first: int, last: int) -> torch.Tensor:
     """``[last - first, *grad.shape]``: ``grad`` kept only on the samples of each micro-batch in range."""
     sample_microbatch = call.layout.microbatch_index(grad.device)
     chosen = torch.arange(first, last, device=grad.device)

@@ -149,6 +149,14 @@ class MicroBatchGradSampleModule(GradSampleModule):
         super().remove_hooks()
         self._reset_passes()
 
+    def cleanup(self) -> None:
+        """Remove every hook and parameter attribute of Opacus and mbclip (``to_standard_module`` calls this)."""
+        super().cleanup()
+        for p in self._module.parameters():
+            if hasattr(p, "summed_grad"):  # set by Opacus's DPOptimizer on the parameters it optimizes
+                del p.summed_grad
+        self._reset_passes()
+
     def set_grad_sample_to_none(self) -> None:
         super().set_grad_sample_to_none()
         self._reset_passes()

@@ -1,0 +1,239 @@
+"""Non-finite micro-batches, empty and odd batches, accumulation, mixed precision: nothing poisons a step."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from reference import assert_close_update, reference_update
+from toy_models import small_data, small_model, squared_error_losses
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mbclip import BatchError, MicroBatchClipping, NonFiniteGradientWarning
+
+
+def wrap(model, microbatch_size=3, clipping="fixed", max_grad_norm=1.0, lr=0.1, momentum=0.9, **kwargs):
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=model, optimizer=optimizer, microbatch_size=microbatch_size, clipping=clipping,
+        max_grad_norm=max_grad_norm, **kwargs,
+    )
+    return wrapped, clipped
+
+
+def backward(wrapped, x, y):
+    ((wrapped(x) - y) ** 2).sum(dim=1).mean().backward()
+
+
+def grads(model):
+    return [p.grad for p in model.parameters()]
+
+
+def snapshot(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def momentum_buffers(optimizer):
+    return [optimizer.state[p]["momentum_buffer"].clone() for p in optimizer.params if p in optimizer.state]
+
+
+# -- non-finite gradients -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clipping,max_grad_norm", [("fixed", 1.0), ("adaptive", None), ("per_layer", 0.5)])
+def test_nan_microbatch_is_dropped_and_the_rest_averaged(clipping, max_grad_norm):
+    model = small_model()
+    x, y = small_data(10)
+    kept = torch.tensor([0, 1, 2, 6, 7, 8, 9])  # micro-batch 1 (samples 3..5) of b=3 is dropped
+    expected = reference_update(model, squared_error_losses(x[kept], y[kept]), 7, 3, clipping, max_grad_norm)
+    y = y.clone()
+    y[4] = float("nan")  # the loss of one sample, as log(0) in a CTC loss would give
+    wrapped, optimizer = wrap(model, clipping=clipping, max_grad_norm=max_grad_norm)
+    optimizer.zero_grad()
+    backward(wrapped, x, y)  # autograd's p.grad is NaN: the step-time verification must not raise
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer.step()
+    assert_close_update(grads(model), expected.update)
+    step = optimizer.last_step
+    assert step.applied and step.dropped_microbatches == 1 and step.num_microbatches == 4
+    assert torch.isnan(step.microbatch_norms[1]) and torch.isfinite(step.microbatch_norms[[0, 2, 3]]).all()
+    assert (step.sample_weights[3:6] == 0).all() and (step.sample_weights[[0, 1, 2, 6, 7, 8, 9]] > 0).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_inf_input_with_samplers_only_drops_its_microbatch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = small_data(8)
+    kept = torch.tensor([0, 1, 4, 5, 6, 7])
+    expected = reference_update(model, squared_error_losses(x[kept], y[kept]), 6, 2, "fixed", 1.0)
+    x = x.clone()
+    x[3, 1] = float("inf")
+    wrapped, optimizer = wrap(model, microbatch_size=2)
+    optimizer.zero_grad()
+    backward(wrapped, x, y)
+    optimizer.step()
+    assert optimizer.last_step.dropped_microbatches == 1
+    assert_close_update(grads(model), expected.update)
+
+
+def test_all_microbatches_non_finite_leaves_parameters_and_momentum_unchanged():
+    model = small_model()
+    x, y = small_data(6)
+    wrapped, optimizer = wrap(model)
+    optimizer.zero_grad()
+    backward(wrapped, x, y)
+    optimizer.step()  # a good step first, so there is momentum state to protect
+    params, buffers = snapshot(model), momentum_buffers(optimizer)
+    optimizer.zero_grad()
+    backward(wrapped, x, torch.full_like(y, float("nan")))
+    with pytest.warns(NonFiniteGradientWarning, match="skipped"):
+        optimizer.step()
+    assert not optimizer.last_step.applied
+    assert optimizer.last_step.dropped_microbatches == optimizer.last_step.num_microbatches == 2
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, momentum_buffers(optimizer)))
+    # and the next good step is exact again
+    expected = reference_update(model, squared_error_losses(x, y), 6, 3, "fixed", 1.0)
+    optimizer.zero_grad()
+    backward(wrapped, x, y)
+    optimizer.step()
+    assert_close_update(grads(model), expected.update)
+
+
+def test_raise_policy_names_the_problem_and_changes_nothing():
+    model = small_model()
+    x, y = small_data(6)
+    wrapped, optimizer = wrap(model, nonfinite="raise")
+    params = snapshot(model)
+    bad = y.clone()
+    bad[0] = float("inf")
+    optimizer.zero_grad()
+    backward(wrapped, x, bad)
+    with pytest.raises(BatchError, match="not finite.*nonfinite='skip'"):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    expected = reference_update(model, squared_error_losses(x, y), 6, 3, "fixed", 1.0)
+    optimizer.zero_grad()
+    backward(wrapped, x, y)
+    optimizer.step()
+    assert_close_update(grads(model), expected.update)
+
+
+# -- empty, small and changing batches ------------------------------------------------------------------
+
+
+def test_empty_batch_is_a_no_op_step():
+    model = small_model()
+    x, y = small_data(5)
+    wrapped, optimizer = wrap(model)
+    params = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer.zero_grad()
+        backward(wrapped, x[:0], y[:0])
+        assert optimizer.step() is None
+    assert not optimizer.last_step.applied and optimizer.last_step.num_samples == 0
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert not optimizer.original_optimizer.state  # the user's optimizer never stepped
+    expected = reference_update(model, squared_error_losses(x, y), 5, 3, "fixed", 1.0)
+    optimizer.zero_grad()
+    backward(wrapped, x, y)
+    optimizer.step()
+    assert_close_update(grads(model), expected.update)
+
+
+def test_step_without_any_batch_is_a_no_op():
+    model = small_model()
+    _, optimizer = wrap(model)
+    params = snapshot(model)
+    optimizer.zero_grad()
+    optimizer.step()
+    assert not optimizer.last_step.applied
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+
+
+def test_empty_poisson_batch_on_the_dp_path_is_a_noise_only_step():
+    model = small_model()
+    x, y = small_data(20)
+    loader = DataLoader(TensorDataset(x, y), batch_size=5)
+    engine = MicroBatchClipping(accountant="rdp")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(3)
+    wrapped, clipped, dp_loader = engine.make_clipped(
+        module=model, optimizer=optimizer, data_loader=loader, microbatch_size=1, max_grad_norm=1.0,
+        noise_multiplier=1.0, noise_generator=generator,
+    )
+    params = snapshot(model)
+    clipped.zero_grad()
+    backward(wrapped, x[:0], y[:0])  # what Opacus's DPDataLoader yields for an empty Poisson batch
+    clipped.step()
+    step = clipped.last_step
+    assert step.applied and step.num_samples == 0 and step.noise_std == pytest.approx(1.0 / 5)
+    assert all(not torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert len(engine.accountant.history) == 1 and engine.get_epsilon(1e-5) > 0
+
+
+def test_batch_smaller_than_the_microbatch_is_one_microbatch():
+    model = small_model()
+    x, y = small_data(2)
+    expected = reference_update(model, squared_error_losses(x, y), 2, 5, "fixed", 0.3)
+    wrapped, optimizer = wrap(model, microbatch_size=5, max_grad_norm=0.3)
+    optimizer.zero_grad()
+    backward(wrapped, x, y)
+    optimizer.step()
+    assert optimizer.last_step.num_microbatches == 1
+    assert_close_update(grads(model), expected.update)
+
+
+def test_batch_size_changing_every_step():
+    model = small_model()
+    wrapped, optimizer = wrap(model, momentum=0.0)
+    for step, batch_size in enumerate([7, 1, 4, 10, 3, 2]):
+        x, y = small_data(batch_size, seed=10 + step)
+        expected = reference_update(model, squared_error_losses(x, y), batch_size, 3, "fixed", 1.0)
+        optimizer.zero_grad()
+        backward(wrapped, x, y)
+        optimizer.step()
+        assert optimizer.last_step.num_samples == batch_size
+        assert_close_update(grads(model), expected.update)
+
+
+def test_several_backward_passes_average_over_all_microbatches_since_the_step():
+    model = small_model()
+    (x1, y1), (x2, y2) = small_data(5, seed=2), small_data(4, seed=3)
+    first = reference_update(model, squared_error_losses(x1, y1), 5, 2, "fixed", 0.5)
+    second = reference_update(model, squared_error_losses(x2, y2), 4, 2, "fixed", 0.5)
+    factors = torch.cat([first.factors, second.factors])
+    gradients = first.gradients + second.gradients
+    expected = [sum(f * g[i] for f, g in zip(factors, gradients)) / len(gradients) for i in range(len(gradients[0]))]
+    wrapped, optimizer = wrap(model, microbatch_size=2, max_grad_norm=0.5)
+    optimizer.zero_grad()
+    backward(wrapped, x1, y1)
+    backward(wrapped, x2, y2)
+    backward(wrapped, x2[:0], y2[:0])  # an empty pass among them changes nothing
+    optimizer.step()
+    assert optimizer.last_step.num_microbatches == 5
+    assert_close_update(grads(model), expected)
+
+
+def test_nan_in_one_of_several_passes_drops_only_that_microbatch():
+    model = small_model()
+    (x1, y1), (x2, y2) = small_data(4, seed=2), small_data(4, seed=3)
+    first = reference_update(model, squared_error_losses(x1, y1), 4, 2, "fixed", 0.5)
+    second = reference_update(model, squared_error_losses(x2, y2), 4, 2, "fixed", 0.5)
+    factors = torch.cat([first.factors, second.factors[1:]])
+    gradients = first.gradients + second.gradients[1:]
+    expected = [sum(f * g[i] for f, g in zip(factors, gradients)) / len(gradients) for i in range(len(gradients[0]))]
+    wrapped, optimizer = wrap(model, microbatch_size=2, max_grad_norm=0.5)
+    optimizer.zero_grad()
+    backward(wrapped, x1, y1)
+    bad = y2.clone()
+    bad[1] = float("nan")
+    backward(wrapped, x2, bad)
+    optimizer.step()
+    assert optimizer.last_step.dropped_microbatches == 1
+    assert_close_update(grads(model), expected)

@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 from reference import assert_close_update, reference_update
-from toy_models import small_data, small_model, squared_error_losses
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from toy_models import small_data, small_model, squared_error_losses
 
 from mbclip import BatchError, MicroBatchClipping, NonFiniteGradientWarning
 

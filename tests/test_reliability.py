@@ -237,3 +237,46 @@ def test_nan_in_one_of_several_passes_drops_only_that_microbatch():
     optimizer.step()
     assert optimizer.last_step.dropped_microbatches == 1
     assert_close_update(grads(model), expected)
+
+
+# -- unwrap ---------------------------------------------------------------------------------------------
+
+
+def traces(model: nn.Module):
+    """Everything of a model that a wrapper could leave behind: attributes, hooks, buffers."""
+    modules = [
+        (name, sorted(vars(m)), len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+        for name, m in model.named_modules()
+    ]
+    params = [(name, sorted(vars(p)), p._backward_hooks) for name, p in model.named_parameters()]
+    return modules, params, [name for name, _ in model.named_buffers()]
+
+
+def test_unwrap_gives_back_the_original_and_wrapping_again_works():
+    model = small_model()
+    before = traces(model)
+    x, y = small_data(6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = MicroBatchClipping()
+    wrapped, clipped, _ = engine.make_clipped(module=model, optimizer=optimizer, microbatch_size=2, max_grad_norm=1.0)
+    clipped.zero_grad()
+    backward(wrapped, x, y)
+    clipped.step()
+    original, original_optimizer = engine.unwrap(wrapped, clipped)
+    assert original is model and original_optimizer is optimizer
+    assert traces(model) == before
+    expected = reference_update(model, squared_error_losses(x, y), 6, 3, "fixed", 0.7)
+    wrapped, clipped, _ = engine.make_clipped(module=model, optimizer=optimizer, microbatch_size=3, max_grad_norm=0.7)
+    clipped.zero_grad()
+    backward(wrapped, x, y)
+    clipped.step()
+    assert_close_update(grads(model), expected.update)
+    engine.unwrap(wrapped)
+    assert traces(model) == before
+
+
+def test_unwrap_refuses_what_make_clipped_did_not_return():
+    from mbclip import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="make_clipped returned"):
+        MicroBatchClipping.unwrap(small_model())

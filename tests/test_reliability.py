@@ -280,3 +280,45 @@ def test_unwrap_refuses_what_make_clipped_did_not_return():
 
     with pytest.raises(ConfigurationError, match="make_clipped returned"):
         MicroBatchClipping.unwrap(small_model())
+
+
+# -- mixed precision ------------------------------------------------------------------------------------
+
+# Documented tolerances: the update under autocast against the float32 update, relative over all parameters.
+AUTOCAST_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def float32_update(autocast_dtype=None):
+    model = small_model(dtype=torch.float32)
+    x, y = small_data(12, dtype=torch.float32)
+    wrapped, optimizer = wrap(model, momentum=0.0)
+    optimizer.zero_grad()
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        loss = ((wrapped(x).float() - y) ** 2).sum(dim=1).mean()
+    loss.backward()
+    optimizer.pre_step()  # with verification on: its tolerance follows the autocast dtype
+    return grads(model), optimizer.last_step
+
+
+@pytest.mark.parametrize("dtype", list(AUTOCAST_TOLERANCE))
+def test_autocast_matches_float32_with_norms_in_float32(dtype):
+    expected, _ = float32_update()
+    actual, step = float32_update(dtype)
+    assert all(g.dtype == torch.float32 for g in actual)
+    assert step.microbatch_norms.dtype == torch.float32
+    assert_close_update(actual, expected, rtol=AUTOCAST_TOLERANCE[dtype])
+
+
+def test_bfloat16_model_keeps_norms_in_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = small_data(9, dtype=torch.float32)
+    expected = reference_update(model, squared_error_losses(x, y), 9, 3, "fixed", 1.0)
+    model = model.to(torch.bfloat16)
+    wrapped, optimizer = wrap(model, momentum=0.0)
+    optimizer.zero_grad()
+    backward(wrapped, x.bfloat16(), y.bfloat16())
+    optimizer.pre_step()
+    assert optimizer.last_step.microbatch_norms.dtype == torch.float32
+    assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters())
+    assert_close_update([p.grad.float() for p in model.parameters()], expected.update, rtol=5e-2)

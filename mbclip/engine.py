@@ -107,6 +107,9 @@ class MicroBatchClipping:
             microbatch_reduction=microbatch_reduction,
             poisson_sampling=poisson_sampling,
             nonfinite=nonfinite,
+            batch_first=batch_first,
+            verify_gradients=verify_gradients,
+            noise_generator=noise_generator,
         )
         expected_batch_size = None
         if poisson:
@@ -237,6 +240,9 @@ class MicroBatchClipping:
         microbatch_reduction,
         poisson_sampling,
         nonfinite,
+        batch_first=True,
+        verify_gradients=True,
+        noise_generator=None,
     ) -> bool:
         """Raise a ``ConfigurationError`` (or ``UnsupportedModuleError``) for any bad input; return Poisson on/off."""
         if not isinstance(module, nn.Module):
@@ -258,6 +264,13 @@ class MicroBatchClipping:
         _check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
         _check_choice("microbatch_reduction", microbatch_reduction, MICROBATCH_REDUCTIONS)
         _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        for name, flag in (("batch_first", batch_first), ("verify_gradients", verify_gradients)):
+            if not isinstance(flag, bool):
+                raise ConfigurationError(f"{name}={flag!r} must be True or False.")
+        if noise_generator is not None and not isinstance(noise_generator, torch.Generator):
+            raise ConfigurationError(
+                f"noise_generator must be a torch.Generator or None, got {type(noise_generator).__name__}."
+            )
         if not (isinstance(noise_multiplier, (int, float)) and not isinstance(noise_multiplier, bool)) or not (
             math.isfinite(noise_multiplier) and noise_multiplier >= 0
         ):

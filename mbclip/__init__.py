@@ -1,7 +1,14 @@
 """mbclip: micro-batch clipping on Opacus, exact to the last float."""
 
 from mbclip.engine import MicroBatchClipping
-from mbclip.errors import BatchError, ConfigurationError, MbclipError, PrivacyError, UnsupportedModuleError
+from mbclip.errors import (
+    BatchError,
+    ConfigurationError,
+    MbclipError,
+    NonFiniteGradientWarning,
+    PrivacyError,
+    UnsupportedModuleError,
+)
 from mbclip.grad_module import MicroBatchGradSampleModule
 from mbclip.layout import MicroBatchLayout
 from mbclip.optimizer import MicroBatchOptimizer, StepDiagnostics
@@ -18,6 +25,7 @@ __all__ = [
     "MicroBatchGradSampleModule",
     "MicroBatchLayout",
     "MicroBatchOptimizer",
+    "NonFiniteGradientWarning",
     "PrivacyError",
     "StepDiagnostics",
     "UnsupportedModuleError",

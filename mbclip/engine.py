@@ -9,7 +9,7 @@ Opacus's ``DPDataLoader``, and, only for ``microbatch_size == 1``, Opacus's acco
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from opacus.accountants import create_accountant
@@ -25,6 +25,7 @@ from mbclip.grad_module import LOSS_REDUCTIONS, MICROBATCH_REDUCTIONS, MicroBatc
 from mbclip.optimizer import NONFINITE_POLICIES, MicroBatchOptimizer
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
+STATE_FORMAT = 1
 
 NO_EPSILON_WITH_MICROBATCHES = (
     "no epsilon is claimed for microbatch_size > 1. Opacus's accountant analyses the Poisson-subsampled Gaussian "
@@ -101,6 +102,9 @@ class MicroBatchClipping:
             microbatch_reduction=microbatch_reduction,
             poisson_sampling=poisson_sampling,
             nonfinite=nonfinite,
+            batch_first=batch_first,
+            verify_gradients=verify_gradients,
+            noise_generator=noise_generator,
         )
         expected_batch_size = None
         if poisson:
@@ -159,6 +163,60 @@ class MicroBatchClipping:
             return 0.0
         return float(self.accountant.get_epsilon(delta=delta))
 
+    # -- checkpoints and unwrapping ------------------------------------------------------------
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The engine's state: the accountant's history (plain lists), loadable with ``weights_only=True``."""
+        history = None
+        if self.accountant is not None:
+            history = [[float(sigma), float(rate), int(steps)] for sigma, rate, steps in self.accountant.history]
+        return {"format": STATE_FORMAT, "accountant": self.accountant_name, "history": history}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` into an engine whose ``make_clipped`` ran with the saved run's settings."""
+        if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
+            raise ConfigurationError(
+                "not a MicroBatchClipping state_dict of this mbclip version; pass the dict from engine.state_dict()."
+            )
+        if state_dict.get("accountant") != self.accountant_name:
+            raise ConfigurationError(
+                f"the checkpoint used accountant={state_dict.get('accountant')!r}, this engine "
+                f"{self.accountant_name!r}. Create MicroBatchClipping(accountant=...) as in the saved run."
+            )
+        history = state_dict.get("history")
+        if (history is None) != (self.accountant is None):
+            raise ConfigurationError(
+                "the checkpoint and this engine disagree on privacy accounting (one is on the DP path with an "
+                "accountant, the other is not). Call make_clipped with the saved run's settings before loading."
+            )
+        if history is not None:
+            self.accountant.history = [(float(sigma), float(rate), int(steps)) for sigma, rate, steps in history]
+
+    @staticmethod
+    def unwrap(
+        module: MicroBatchGradSampleModule, optimizer: Optional[MicroBatchOptimizer] = None
+    ) -> Tuple[nn.Module, Optional[Optimizer]]:
+        """The user's original model (and optimizer) back, with no hook or attribute of mbclip or Opacus left.
+
+        Both can be passed to ``make_clipped`` again. The wrappers must not be used afterwards.
+        """
+        if not isinstance(module, MicroBatchGradSampleModule):
+            raise ConfigurationError(f"unwrap expects the module make_clipped returned, got {type(module).__name__}.")
+        if optimizer is not None and not isinstance(optimizer, MicroBatchOptimizer):
+            raise ConfigurationError(
+                f"unwrap expects the optimizer make_clipped returned, got {type(optimizer).__name__}."
+            )
+        original = module.to_standard_module()
+        if optimizer is None:
+            return original, None
+        optimizer.step_hook = None
+        for p in optimizer.params:
+            if hasattr(p, "summed_grad"):
+                del p.summed_grad
+            if hasattr(p, "grad_sample"):
+                del p.grad_sample
+        return original, optimizer.original_optimizer
+
     # -- validation: every check before anything changes ---------------------------------------
 
     def _validate(
@@ -175,6 +233,9 @@ class MicroBatchClipping:
         microbatch_reduction,
         poisson_sampling,
         nonfinite,
+        batch_first=True,
+        verify_gradients=True,
+        noise_generator=None,
     ) -> bool:
         """Raise a ``ConfigurationError`` (or ``UnsupportedModuleError``) for any bad input; return Poisson on/off."""
         if not isinstance(module, nn.Module):
@@ -196,6 +257,13 @@ class MicroBatchClipping:
         _check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
         _check_choice("microbatch_reduction", microbatch_reduction, MICROBATCH_REDUCTIONS)
         _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        for name, flag in (("batch_first", batch_first), ("verify_gradients", verify_gradients)):
+            if not isinstance(flag, bool):
+                raise ConfigurationError(f"{name}={flag!r} must be True or False.")
+        if noise_generator is not None and not isinstance(noise_generator, torch.Generator):
+            raise ConfigurationError(
+                f"noise_generator must be a torch.Generator or None, got {type(noise_generator).__name__}."
+            )
         if not (isinstance(noise_multiplier, (int, float)) and not isinstance(noise_multiplier, bool)) or not (
             math.isfinite(noise_multiplier) and noise_multiplier >= 0
         ):

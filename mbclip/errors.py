@@ -21,3 +21,7 @@ class BatchError(MbclipError, RuntimeError):
 
 class PrivacyError(MbclipError, RuntimeError):
     """A privacy figure was asked for where no guarantee is proven."""
+
+
+class NonFiniteGradientWarning(RuntimeWarning):
+    """Every micro-batch gradient of a step was NaN or Inf, so the step was skipped."""

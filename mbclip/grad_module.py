@@ -27,6 +27,7 @@ from mbclip.samplers import MICROBATCH_SAMPLERS, UNSUPPORTED_LAYERS, LayerCall, 
 from mbclip.samplers.autograd_fallback import autograd_microbatch_sums, infer_batch_dim
 
 LOSS_REDUCTIONS = ("mean", "sum")
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 MICROBATCH_REDUCTIONS = ("mean", "sum")
 
 
@@ -149,6 +150,14 @@ class MicroBatchGradSampleModule(GradSampleModule):
         super().remove_hooks()
         self._reset_passes()
 
+    def cleanup(self) -> None:
+        """Remove every hook and parameter attribute of Opacus and mbclip (``to_standard_module`` calls this)."""
+        super().cleanup()
+        for p in self._module.parameters():
+            if hasattr(p, "summed_grad"):  # set by Opacus's DPOptimizer on the parameters it optimizes
+                del p.summed_grad
+        self._reset_passes()
+
     def set_grad_sample_to_none(self) -> None:
         super().set_grad_sample_to_none()
         self._reset_passes()
@@ -161,6 +170,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         self._sums: Dict[nn.Parameter, Dict[int, torch.Tensor]] = {}
         self._claimed: Dict[nn.Parameter, int] = {}
         self._inside_fallback = False
+        self.low_precision_seen: set = set()  # half dtypes of output gradients since the last step (autocast)
 
     @property
     def num_passes(self) -> int:
@@ -249,6 +259,10 @@ class MicroBatchGradSampleModule(GradSampleModule):
         grad_outputs: List[Optional[torch.Tensor]] = [None] * num_leaves
         for index, grad in zip(needs_grad, grads):
             if grad is not None:
+                if grad.dtype in LOW_PRECISION:  # autocast or a half model: samplers sum micro-batches in float32
+                    self.low_precision_seen.add(grad.dtype)
+                    if layer.sampler is not None:
+                        grad = grad.float()
                 grad_outputs[index] = grad.detach() * scale
         if layer.sampler is not None:
             sums = layer.sampler.fn(module, call, grad_outputs)

@@ -9,8 +9,9 @@ and keep what happened in :attr:`MicroBatchOptimizer.last_step`.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from opacus.optimizers import DPOptimizer
@@ -18,10 +19,12 @@ from opacus.optimizers.optimizer import _generate_noise
 from torch.optim import Optimizer
 
 from mbclip import clipping as rules
-from mbclip.errors import BatchError
+from mbclip.errors import BatchError, ConfigurationError, NonFiniteGradientWarning
 from mbclip.grad_module import MicroBatchGradients, MicroBatchGradSampleModule
 
 NONFINITE_POLICIES = ("skip", "raise")
+STATE_KEY = "mbclip"  # the optimizer's state_dict is the user's optimizer's, plus mbclip's settings under this key
+STATE_FORMAT = 1
 
 # Relative tolerance of the check "sum of micro-batch gradients == autograd's gradient", by dtype.
 _CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
@@ -124,9 +127,8 @@ class MicroBatchOptimizer(DPOptimizer):
     def pre_step(self, closure=None) -> bool:
         """Clip and average into ``p.grad``; ``False`` when the user's optimizer must not step."""
         collected = self.grad_module.collect(self.params)
-        if collected is None:
-            self.last_step = _empty_diagnostics()
-            return False
+        if collected is None:  # no sample reached backward (an empty batch, or no batch at all)
+            return self._step_without_samples()
         if self._check_skip_next_step():
             self._is_last_step_skipped = True
             return False
@@ -137,9 +139,45 @@ class MicroBatchOptimizer(DPOptimizer):
         self.grad_module._reset_passes()
         self._grads_replaced = True
         self._is_last_step_skipped = False
+        if not self.last_step.applied:
+            warnings.warn(
+                f"all {self.last_step.num_microbatches} micro-batch gradients of this step are not finite (NaN or "
+                "Inf); the step was skipped and the parameters and optimizer state are unchanged. Check the inputs "
+                "and the loss of this batch (optimizer.last_step has the norms).",
+                NonFiniteGradientWarning,
+                stacklevel=3,
+            )
         if self.last_step.applied and self.step_hook:
             self.step_hook(self)
         return self.last_step.applied
+
+    def _step_without_samples(self) -> bool:
+        """An empty batch: a no-op without noise; on the DP path a noise-only step, as Opacus takes.
+
+        Skipping the step on the Poisson-sampled path would reveal that the batch was empty, and the
+        accountant counts every step, so there the update is the noise alone (divided by the expected count).
+        """
+        num_passes = self.grad_module.num_passes
+        self.last_step = _empty_diagnostics()
+        if not (num_passes and self.noise_multiplier > 0 and self.expected_batch_size is not None):
+            return False
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            return False
+        normalizer = self._normalizer(num_passes, 0)
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            noise = _generate_noise(std=std, reference=p, generator=self.generator, secure_mode=self.secure_mode)
+            p.grad = (noise / normalizer).to(p.dtype)
+        self.last_step.applied = True
+        self.last_step.noise_std = float(std / normalizer)
+        self._passes_in_last_step = num_passes
+        self.grad_module._reset_passes()
+        self._grads_replaced = True
+        self._is_last_step_skipped = False
+        if self.step_hook:
+            self.step_hook(self)
+        return True
 
     def _apply(self, collected: MicroBatchGradients) -> None:
         params = self.params
@@ -161,7 +199,7 @@ class MicroBatchOptimizer(DPOptimizer):
             (norms.numel(),) + tuple(factors.shape[1:]), dtype=factors.dtype, device=factors.device
         )
         full_factors[kept] = factors
-        normalizer = self._normalizer(collected, num_kept)
+        normalizer = self._normalizer(len(collected.layouts), num_kept)
         applied = num_kept > 0
         if applied:
             for index, (p, g) in enumerate(present):
@@ -207,11 +245,89 @@ class MicroBatchOptimizer(DPOptimizer):
         factors = rules.per_layer_clip_factors(per_param_norms, bounds)
         return factors, (factors < 1).any(dim=1)
 
-    def _normalizer(self, collected: MicroBatchGradients, num_kept: int) -> float:
+    def _normalizer(self, num_passes: int, num_kept: int) -> float:
         if self.expected_batch_size is not None:  # Poisson DP path: the expected count, not the private one
             per_pass = math.ceil(self.expected_batch_size / self.grad_module.microbatch_size)
-            return float(per_pass * len(collected.layouts))
+            return float(per_pass * num_passes)
         return float(max(num_kept, 1))
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _settings(self) -> Dict[str, Any]:
+        """What must agree between the run that saved a checkpoint and the one that loads it."""
+        module = self.grad_module
+        return {
+            "clipping": self.clipping,
+            "max_grad_norm": float(self.max_grad_norm),
+            "max_grad_norms": None if self.max_grad_norms is None else [float(c) for c in self.max_grad_norms],
+            "noise_multiplier": float(self.noise_multiplier),
+            "expected_batch_size": self.expected_batch_size,
+            "microbatch_size": module.microbatch_size,
+            "microbatch_reduction": module.microbatch_reduction,
+            "loss_reduction": module.loss_reduction,
+        }
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The user's optimizer's ``state_dict`` plus mbclip's settings and noise generator state (key ``"mbclip"``).
+
+        Only tensors, numbers, strings, lists and dicts: loadable with ``torch.load(..., weights_only=True)``,
+        and by the plain optimizer too (it ignores the extra key). Save it after ``step()``, not mid-accumulation.
+        """
+        state = self.original_optimizer.state_dict()
+        state[STATE_KEY] = {
+            "format": STATE_FORMAT,
+            "settings": self._settings(),
+            "noise_generator_state": None if self.generator is None else self.generator.get_state(),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (or a plain optimizer's); refuses one saved with other clipping settings."""
+        if not isinstance(state_dict, dict):
+            raise ConfigurationError(
+                f"load_state_dict expects the dict from optimizer.state_dict(), got {type(state_dict).__name__}."
+            )
+        state = dict(state_dict)
+        saved = state.pop(STATE_KEY, None)
+        if saved is not None:
+            self._check_saved_settings(saved)
+        try:
+            self.original_optimizer.load_state_dict(state)
+        except (ValueError, KeyError, TypeError) as error:
+            raise ConfigurationError(
+                f"the optimizer state does not fit this optimizer ({error}). Load a checkpoint saved from the same "
+                "kind of optimizer over the same parameters."
+            ) from error
+        generator_state = saved.get("noise_generator_state") if saved is not None else None
+        if generator_state is not None and self.generator is not None:
+            self.generator.set_state(generator_state)
+        self.grad_module._reset_passes()
+        self._grads_replaced = False
+
+    def _check_saved_settings(self, saved: Any) -> None:
+        if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT or "settings" not in saved:
+            raise ConfigurationError(
+                f"the optimizer checkpoint's '{STATE_KEY}' entry is not one this version of mbclip wrote "
+                f"(format {STATE_FORMAT}). Save it again with optimizer.state_dict()."
+            )
+        ours = self._settings()
+        different = [
+            f"{key}: saved {saved['settings'].get(key)!r}, now {value!r}"
+            for key, value in ours.items()
+            if saved["settings"].get(key) != value
+        ]
+        if different:
+            raise ConfigurationError(
+                "the checkpoint was saved with other micro-batch clipping settings ("
+                + "; ".join(different)
+                + "). Call make_clipped with the settings of the saved run before loading, so training continues "
+                "as it was."
+            )
+        if (saved.get("noise_generator_state") is None) != (self.generator is None) and self.noise_multiplier > 0:
+            raise ConfigurationError(
+                "the checkpoint and this optimizer disagree on noise_generator (one has a generator, the other "
+                "uses torch's global RNG). Pass noise_generator to make_clipped as in the saved run."
+            )
 
     def _verify(self, collected: MicroBatchGradients) -> None:
         """Every gradient autograd computed must be the sum of the micro-batch gradients mbclip computed.
@@ -237,7 +353,8 @@ class MicroBatchOptimizer(DPOptimizer):
                 continue
             if actual is None or not (torch.isfinite(rebuilt).all() and torch.isfinite(actual).all()):
                 continue
-            tolerance = _CHECK_TOLERANCE.get(actual.dtype, 1e-4)
+            # under autocast autograd's own gradient carries the rounding of the half dtype it ran in
+            tolerance = max(_CHECK_TOLERANCE.get(dtype, 1e-4) for dtype in {actual.dtype, *module.low_precision_seen})
             error = float((rebuilt.to(actual.dtype) - actual).norm())
             if error <= tolerance * (bounds[p] + floor) + 1e-30:
                 continue

@@ -35,10 +35,11 @@ def _masked_output_grads(grad: torch.Tensor, batch_dim: int, call: LayerCall, fi
     """``[last - first, *grad.shape]``: ``grad`` kept only on the samples of each micro-batch in range."""
     sample_microbatch = call.layout.microbatch_index(grad.device)
     chosen = torch.arange(first, last, device=grad.device)
-    mask = (sample_microbatch.unsqueeze(0) == chosen.unsqueeze(1)).to(grad.dtype)  # [K, B]
+    mask = sample_microbatch.unsqueeze(0) == chosen.unsqueeze(1)  # [K, B]
     shape = [mask.shape[0]] + [1] * grad.dim()
     shape[1 + batch_dim] = grad.shape[batch_dim]
-    return mask.reshape(shape) * grad.unsqueeze(0)
+    # where, not a product: a NaN/Inf gradient of one sample must not leak into other micro-batches (0 * NaN = NaN)
+    return torch.where(mask.reshape(shape), grad.unsqueeze(0), grad.new_zeros(()))
 
 
 def autograd_microbatch_sums(

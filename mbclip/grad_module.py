@@ -205,7 +205,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
     # -- forward: keep each call's inputs, hook its outputs ------------------------------------
 
     def _on_forward(self, module: nn.Module, args, kwargs, output, *, layer: HookedLayer) -> None:
-        if self._current_pass is None or self._inside_fallback or not module.training:
+        if self._current_pass is None or self._inside_fallback:
             return
         batch_size = self._pass_batch_sizes[self._current_pass]
         leaves, _ = tree_flatten(output)

@@ -238,3 +238,30 @@ def test_other_batchnorms_are_refused(layer):
     model = nn.Sequential(nn.Conv2d(2, 4, 1), layer)
     with pytest.raises(UnsupportedModuleError, match="BatchNorm"):
         wrap(model, 2)
+
+
+def test_batchnorm_in_eval_mode_inside_training_uses_running_statistics():
+    """Fine-tuning with frozen statistics (``bn.eval()`` in a training model): per-sample exact, stats untouched."""
+    model = cnn()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].eval()
+    stats = model[1].running_mean.clone()
+    per_sample_losses = losses_fn(model)
+    expected = reference_update(model, per_sample_losses, B, 2, "fixed", 0.3)
+    actual, _ = clipped_update(model, per_sample_losses, 2, "fixed")
+    assert_close_update(actual, expected.update)
+    torch.testing.assert_close(model[1].running_mean, stats, rtol=0, atol=0)
+
+
+def test_batchnorm3d_matches_reference():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 2, 2), nn.BatchNorm3d(2), nn.Flatten(), nn.Linear(2 * 8, 2)).to(DT)
+    x = torch.randn(5, 1, 3, 3, 3, dtype=DT)
+    y = torch.tensor([0, 1, 1, 0, 1])
+
+    def per_sample_losses(m: nn.Module, samples) -> torch.Tensor:
+        return F.cross_entropy(m(x[samples]), y[samples], reduction="none")
+
+    expected = reference_update(model, per_sample_losses, 5, 2, "adaptive")
+    actual, _ = clipped_update(model, per_sample_losses, 2, "adaptive")
+    assert_close_update(actual, expected.update)

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import assert_close_update, reference_update
 from torch import nn
 
 from mbclip import BatchError, ConfigurationError, MicroBatchClipping, UnsupportedModuleError
 from mbclip.layers import MicroBatchBatchNorm2d
+from reference import assert_close_update, reference_update
 
 B = 7
 DT = torch.float64

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import assert_close_update, reference_update
 from torch import nn
 
 from mbclip import MicroBatchClipping
+from reference import assert_close_update, reference_update
 
 B, T, FEATURES, HIDDEN, VOCAB = 5, 9, 3, 4, 5
 DT = torch.float64

@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten, tree_map
 
 from mbclip.errors import BatchError, ConfigurationError, UnsupportedModuleError
+from mbclip.layers.batchnorm import check_batchnorms, swap_in_batchnorms, swap_out_batchnorms
 from mbclip.layout import MicroBatchLayout
 from mbclip.output_hooks import on_output_gradients
 from mbclip.samplers import MICROBATCH_SAMPLERS, UNSUPPORTED_LAYERS, LayerCall, MicroBatchSampler
@@ -121,12 +122,15 @@ class MicroBatchGradSampleModule(GradSampleModule):
             raise ConfigurationError(
                 f"microbatch_reduction={microbatch_reduction!r}: use one of {MICROBATCH_REDUCTIONS}."
             )
+        check_batchnorms(module, microbatch_size)
         self._plan = plan_hooks(module)
         self.microbatch_size = microbatch_size
         self.microbatch_reduction = microbatch_reduction
         super().__init__(module, batch_first=batch_first, loss_reduction=loss_reduction, strict=False)
         self._param_names = {p: name for name, p in module.named_parameters()}
         self._reset_passes()
+        # Last: BatchNorm normalises per micro-batch while wrapped; remove_hooks swaps the classes back.
+        self._swapped_batchnorms = swap_in_batchnorms(module, self.current_layout)
 
     # -- Opacus extension points -------------------------------------------------------------
 
@@ -149,6 +153,8 @@ class MicroBatchGradSampleModule(GradSampleModule):
     def remove_hooks(self) -> None:
         super().remove_hooks()
         self._reset_passes()
+        swap_out_batchnorms(getattr(self, "_swapped_batchnorms", []))
+        self._swapped_batchnorms = []
 
     def cleanup(self) -> None:
         """Remove every hook and parameter attribute of Opacus and mbclip (``to_standard_module`` calls this)."""
@@ -171,6 +177,12 @@ class MicroBatchGradSampleModule(GradSampleModule):
         self._claimed: Dict[nn.Parameter, int] = {}
         self._inside_fallback = False
         self.low_precision_seen: set = set()  # half dtypes of output gradients since the last step (autocast)
+
+    def current_layout(self) -> Optional[MicroBatchLayout]:
+        """The micro-batch layout of the pass being recorded now; ``None`` outside a recorded forward."""
+        if self._current_pass is None:
+            return None
+        return MicroBatchLayout(self._pass_batch_sizes[self._current_pass], self.microbatch_size)
 
     @property
     def num_passes(self) -> int:
@@ -203,7 +215,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
     # -- forward: keep each call's inputs, hook its outputs ------------------------------------
 
     def _on_forward(self, module: nn.Module, args, kwargs, output, *, layer: HookedLayer) -> None:
-        if self._current_pass is None or self._inside_fallback or not module.training:
+        if self._current_pass is None or self._inside_fallback:
             return
         batch_size = self._pass_batch_sizes[self._current_pass]
         leaves, _ = tree_flatten(output)

@@ -118,19 +118,23 @@ class MicroBatchClipping:
             loss_reduction=loss_reduction,
             microbatch_reduction=microbatch_reduction,
         )
-        clipped_optimizer = MicroBatchOptimizer(
-            optimizer,
-            grad_module=grad_module,
-            clipping=clipping,
-            max_grad_norm=max_grad_norm,
-            noise_multiplier=float(noise_multiplier),
-            expected_batch_size=expected_batch_size,
-            nonfinite=nonfinite,
-            verify_gradients=verify_gradients,
-            generator=noise_generator,
-            secure_mode=self.secure_mode,
-        )
-        self._attach_accountant(clipped_optimizer, microbatch_size, noise_multiplier, poisson, data_loader)
+        try:
+            clipped_optimizer = MicroBatchOptimizer(
+                optimizer,
+                grad_module=grad_module,
+                clipping=clipping,
+                max_grad_norm=max_grad_norm,
+                noise_multiplier=float(noise_multiplier),
+                expected_batch_size=expected_batch_size,
+                nonfinite=nonfinite,
+                verify_gradients=verify_gradients,
+                generator=noise_generator,
+                secure_mode=self.secure_mode,
+            )
+            self._attach_accountant(clipped_optimizer, microbatch_size, noise_multiplier, poisson, data_loader)
+        except Exception:
+            self.unwrap(grad_module)  # no half-wrapped model left behind
+            raise
         return grad_module, clipped_optimizer, data_loader
 
     # -- privacy -------------------------------------------------------------------------------

@@ -365,7 +365,8 @@ class MicroBatchOptimizer(DPOptimizer):
         if self._grads_replaced:
             return message + ": gradients were not cleared since the last step. Call optimizer.zero_grad() first."
         return message + (
-            ". A layer mixes samples (e.g. BatchNorm, or a loss that is not a sum of per-sample terms), or uses "
+            ". A layer mixes samples (e.g. a custom normalisation over the batch, or a loss that is not a sum of "
+            "per-sample terms), or uses "
             "the parameter outside its forward. Fix the model, or register a sampler for the layer."
         )
 

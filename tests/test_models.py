@@ -30,12 +30,12 @@ def float64():
     torch.set_default_dtype(previous)
 
 
-def speech_batch():
+def speech_batch(lengths=LENGTHS, target_lengths=TARGET_LENGTHS):
     generator = torch.Generator().manual_seed(5)
-    features = torch.randn(B, int(LENGTHS.max()), FEATURES, generator=generator)
-    padded = torch.arange(features.shape[1]).unsqueeze(0) >= LENGTHS.unsqueeze(1)
+    features = torch.randn(len(lengths), int(lengths.max()), FEATURES, generator=generator)
+    padded = torch.arange(features.shape[1]).unsqueeze(0) >= lengths.unsqueeze(1)
     features = features.masked_fill(padded.unsqueeze(-1), 7.0)  # loud padding: any leak shows
-    targets = torch.randint(1, VOCAB, (B, int(TARGET_LENGTHS.max())), generator=generator)
+    targets = torch.randint(1, VOCAB, (len(lengths), int(target_lengths.max())), generator=generator)
     return features, targets
 
 
@@ -44,21 +44,21 @@ def ctc_per_sample(model, features, lengths, targets, target_lengths):
     return F.ctc_loss(log_probs.transpose(0, 1), targets, out_lengths, target_lengths, reduction="none")
 
 
-def check_ctc_model(model, b, clipping="fixed", criterion="sum"):
+def check_ctc_model(model, b, clipping="fixed", criterion="sum", lengths=LENGTHS, target_lengths=TARGET_LENGTHS):
     """``criterion``: the user's ``F.ctc_loss`` reduction, ``"sum"`` (loss_reduction="sum") or ``"mean"``."""
-    features, targets = speech_batch()
+    features, targets = speech_batch(lengths, target_lengths)
 
     def trimmed(m, samples):
-        lengths = LENGTHS[samples]
-        losses = ctc_per_sample(m, features[samples, : int(lengths.max())], lengths, targets[samples],
-                                TARGET_LENGTHS[samples])
-        return losses if criterion == "sum" else losses / TARGET_LENGTHS[samples]
+        kept = lengths[samples]
+        losses = ctc_per_sample(m, features[samples, : int(kept.max())], kept, targets[samples],
+                                target_lengths[samples])
+        return losses if criterion == "sum" else losses / target_lengths[samples]
 
     def user_loss(m):
-        log_probs, out_lengths = m(features, LENGTHS)
-        return F.ctc_loss(log_probs.transpose(0, 1), targets, out_lengths, TARGET_LENGTHS, reduction=criterion)
+        log_probs, out_lengths = m(features, lengths)
+        return F.ctc_loss(log_probs.transpose(0, 1), targets, out_lengths, target_lengths, reduction=criterion)
 
-    check_update(model, None, B, b, clipping, per_sample_losses=trimmed, training_loss=user_loss,
+    check_update(model, None, len(lengths), b, clipping, per_sample_losses=trimmed, training_loss=user_loss,
                  loss_reduction=criterion)
 
 
@@ -106,6 +106,13 @@ def test_conformer_ctc(b, clipping):
 @pytest.mark.parametrize("b", [1, 3])
 def test_conformer_ctc_mean_criterion(b):
     check_ctc_model(small_conformer(), b, criterion="mean")
+
+
+@pytest.mark.parametrize("lengths", [[17, 15, 16, 13, 17], [9] * 16])
+def test_conformer_batch_size_equal_to_positional_shapes(lengths):
+    """B == 2T'-1 (relative positions) or B == d_model (16): the positional projection must not look batched."""
+    lengths = torch.tensor(lengths)
+    check_ctc_model(small_conformer(), 2, lengths=lengths, target_lengths=torch.ones_like(lengths))
 
 
 @pytest.mark.slow

@@ -109,7 +109,10 @@ class RelPositionMultiHeadAttention(nn.Module):
         q = self._heads(self.linear_q(x))
         k = self._heads(self.linear_k(x)).transpose(1, 2)  # [B, H, T, dh]
         v = self._heads(self.linear_v(x)).transpose(1, 2)
-        p = self._heads(self.linear_pos(pos_emb)).transpose(1, 2)  # [1, H, 2T-1, dh]
+        # The encodings are shared by all samples. mbclip reads a layer call's batch from dims 0-1 of its input, so
+        # they go in as [1, 1, 2T-1, d]: never mistaken for a batch (with [1, 2T-1, d] a batch of B = 2T-1 would be),
+        # and the enclosing attention module, which owns pos_bias_u/v, takes linear_pos's gradient per micro-batch.
+        p = self._heads(self.linear_pos(pos_emb.unsqueeze(0))[0]).transpose(1, 2)  # [1, H, 2T-1, dh]
         content = (q + self.pos_bias_u).transpose(1, 2) @ k.transpose(-2, -1)  # [B, H, T, T]
         position = rel_shift((q + self.pos_bias_v).transpose(1, 2) @ p.transpose(-2, -1))
         scores = (content + position) / math.sqrt(self.d_head)

@@ -9,12 +9,35 @@ base is hooked too and the view is replayed on the base's gradient (``Tensor._vi
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 from torch.autograd.graph import register_multi_grad_hook
 
 GradsCallback = Callable[[List[Optional[torch.Tensor]]], None]
+
+_state = threading.local()
+
+
+@contextmanager
+def suspended() -> Iterator[None]:
+    """Make every output hook a no-op (state untouched) inside the block.
+
+    For nested ``autograd.grad`` calls made from within a hook (the autograd fallback): they walk
+    parts of the same graph and would otherwise fire, or use up, hooks meant for the outer backward.
+    """
+    previous = getattr(_state, "suspended", False)
+    _state.suspended = True
+    try:
+        yield
+    finally:
+        _state.suspended = previous
+
+
+def _is_suspended() -> bool:
+    return getattr(_state, "suspended", False)
 
 
 def on_output_gradients(tensors: Sequence[torch.Tensor], callback: GradsCallback) -> None:
@@ -30,6 +53,8 @@ def on_output_gradients(tensors: Sequence[torch.Tensor], callback: GradsCallback
         replays.append(tensor._view_func if use_base else None)
 
     def on_grads(grads: Sequence[Optional[torch.Tensor]]) -> None:
+        if _is_suspended():
+            return
         callback([replay(g) if replay is not None and g is not None else g for g, replay in zip(grads, replays)])
 
     register_multi_grad_hook(targets, on_grads, mode="all")
@@ -37,16 +62,20 @@ def on_output_gradients(tensors: Sequence[torch.Tensor], callback: GradsCallback
 
 def _hook_single(tensor: torch.Tensor, callback: GradsCallback) -> None:
     if not tensor._is_view():
-        tensor.register_hook(lambda grad: callback([grad]))
+        tensor.register_hook(lambda grad: None if _is_suspended() else callback([grad]))
         return
     view_fired = [False]
     replay = tensor._view_func
 
     def on_view(grad: torch.Tensor) -> None:
+        if _is_suspended():
+            return
         view_fired[0] = True
         callback([grad])
 
     def on_base(grad: torch.Tensor) -> None:
+        if _is_suspended():
+            return
         if view_fired[0]:  # the view's own hook already delivered this backward's gradient
             view_fired[0] = False
             return

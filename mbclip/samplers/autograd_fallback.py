@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mbclip.errors import BatchError
+from mbclip.output_hooks import suspended
 from mbclip.samplers.registry import LayerCall
 
 # Bound on the elements of the stacked output gradients per autograd call (memory of the fallback).
@@ -47,13 +48,21 @@ def autograd_microbatch_sums(
     call: LayerCall,
     grad_outputs: Sequence[Optional[torch.Tensor]],
     params: List[nn.Parameter],
+    output_batch_dims: Optional[Sequence[Optional[int]]] = None,
 ) -> Dict[nn.Parameter, torch.Tensor]:
-    """Micro-batch sums of per-sample gradients of ``params`` through ``module``'s recorded graph."""
+    """Micro-batch sums of per-sample gradients of ``params`` through ``module``'s recorded graph.
+
+    ``output_batch_dims`` (one per output leaf) says where each output holds the batch when the
+    caller knows it (a layer's own ``batch_first``); otherwise it is inferred from the shapes.
+    """
     outputs, grads, batch_dims = [], [], []
-    for output, grad in zip(call.outputs, grad_outputs):
+    known_dims = output_batch_dims if output_batch_dims is not None else [None] * len(call.outputs)
+    for output, grad, known_dim in zip(call.outputs, grad_outputs, known_dims):
         if output is None or grad is None:
             continue
-        batch_dim = infer_batch_dim(grad.shape, call.layout.batch_size, call.batch_first)
+        batch_dim = known_dim
+        if batch_dim is None:
+            batch_dim = infer_batch_dim(grad.shape, call.layout.batch_size, call.batch_first)
         if batch_dim is None:
             raise BatchError(
                 f"{type(module).__name__} returned a tensor of shape {tuple(grad.shape)} with no dimension of the "
@@ -74,9 +83,10 @@ def autograd_microbatch_sums(
         last = min(first + chunk, num_microbatches)
         batched = [_masked_output_grads(g, d, call, first, last) for g, d in zip(grads, batch_dims)]
         try:
-            param_grads = torch.autograd.grad(
-                outputs, params, batched, retain_graph=True, is_grads_batched=True, allow_unused=True
-            )
+            with suspended():
+                param_grads = torch.autograd.grad(
+                    outputs, params, batched, retain_graph=True, is_grads_batched=True, allow_unused=True
+                )
         except RuntimeError as error:
             raise BatchError(
                 f"mbclip could not differentiate {type(module).__name__} per micro-batch through its recorded graph "

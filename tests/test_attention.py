@@ -1,0 +1,186 @@
+"""nn.MultiheadAttention and nn.TransformerEncoder(Layer) as users write them, against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mbclip.grad_module import MicroBatchGradSampleModule
+from microbatch_check import check_update
+
+B, T, S, E = 5, 4, 6, 8
+MICROBATCH_SIZES = [1, 2, 3, B]
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+class AttentionModel(nn.Module):
+    """Batch-first data through one ``nn.MultiheadAttention`` (time-first inside when ``batch_first=False``)."""
+
+    def __init__(self, batch_first: bool, need_weights: bool = True, **options):
+        super().__init__()
+        self.batch_first = batch_first
+        self.need_weights = need_weights
+        self.attention = nn.MultiheadAttention(E, 2, batch_first=batch_first, **options)
+
+    def forward(self, query, key, value, key_padding_mask=None, attn_mask=None):
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        output, weights = self.attention(
+            query, key, value, key_padding_mask=key_padding_mask, attn_mask=attn_mask, need_weights=self.need_weights
+        )
+        if not self.batch_first:
+            output = output.transpose(0, 1)
+        losses = output.tanh().pow(2).sum(dim=(1, 2))
+        if weights is not None:
+            losses = losses + weights.pow(3).flatten(1).sum(dim=1)
+        return losses
+
+
+def attention_inputs(kdim=None, vdim=None, padding=False, mask=False, length=S):
+    torch.manual_seed(1)
+    query = torch.randn(B, T, E)
+    key = torch.randn(B, length, kdim or E)
+    value = torch.randn(B, length, vdim or E)
+    key_padding_mask = None
+    if padding:
+        key_padding_mask = torch.zeros(B, length, dtype=torch.bool)
+        key_padding_mask[1, -2:] = True
+        key_padding_mask[3, -1:] = True
+    attn_mask = torch.randn(T, length) if mask else None
+    return query, key, value, key_padding_mask, attn_mask
+
+
+def check_attention(b, batch_first=True, need_weights=True, clipping="fixed", inputs=None, **options):
+    torch.manual_seed(0)
+    model = AttentionModel(batch_first, need_weights, **options)
+    inputs = inputs or attention_inputs(options.get("kdim"), options.get("vdim"))
+    check_update(model, lambda m: m(*inputs), B, b, clipping)
+
+
+@pytest.mark.parametrize("b", MICROBATCH_SIZES)
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_batch_first_and_need_weights(b, batch_first, need_weights):
+    check_attention(b, batch_first, need_weights)
+
+
+@pytest.mark.parametrize("b", MICROBATCH_SIZES)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_key_padding_and_attn_mask(b, batch_first):
+    check_attention(b, batch_first, inputs=attention_inputs(padding=True, mask=True))
+
+
+@pytest.mark.parametrize("b", [1, 3])
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_mask_kinds(b, mask_kind):
+    query, key, value, padding, _ = attention_inputs(padding=True)
+    if mask_kind == "bool":
+        attn_mask = torch.zeros(T, S, dtype=torch.bool)
+        attn_mask[0, -1] = True
+        padding_mask = padding
+    else:
+        attn_mask = torch.randn(T, S)
+        padding_mask = torch.zeros(B, S).masked_fill(padding, float("-inf"))
+    check_attention(b, need_weights=False, inputs=(query, key, value, padding_mask, attn_mask))
+
+
+@pytest.mark.parametrize("b", MICROBATCH_SIZES)
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_kdim_vdim(b, batch_first, need_weights):
+    check_attention(b, batch_first, need_weights, kdim=6, vdim=5)
+
+
+@pytest.mark.parametrize("b", MICROBATCH_SIZES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("add_bias_kv", [True, False])
+def test_bias_options(b, bias, add_bias_kv):
+    check_attention(b, bias=bias, add_bias_kv=add_bias_kv, inputs=attention_inputs(padding=True))
+
+
+@pytest.mark.parametrize("b", [1, 2, B])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_dropout(b, batch_first):
+    check_attention(b, batch_first, dropout=0.3, add_bias_kv=True, kdim=6, vdim=5)
+
+
+@pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
+def test_adaptive_clipping(clipping):
+    check_attention(2, False, inputs=attention_inputs(padding=True, mask=True), clipping=clipping)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_time_first_when_length_equals_batch(batch_first):
+    """T == B: only the layer's own ``batch_first`` tells where the batch is."""
+    check_attention(2, batch_first, inputs=attention_inputs(length=B), need_weights=True)
+    check_attention(2, batch_first, inputs=attention_inputs(length=B), need_weights=False)
+
+
+def test_out_proj_is_owned_by_the_attention_sampler():
+    model = AttentionModel(True)
+    layers = dict(MicroBatchGradSampleModule(model, microbatch_size=2).hooked_layers())
+    assert layers == {"attention": "multihead_attention_sampler"}
+
+
+class TransformerClassifier(nn.Module):
+    """Embedding -> ``nn.TransformerEncoder`` with padding mask -> masked mean pool -> class logits."""
+
+    def __init__(self, batch_first: bool, norm_first: bool, vocab: int = 11, classes: int = 3):
+        super().__init__()
+        self.batch_first = batch_first
+        self.embedding = nn.Embedding(vocab, E)
+        layer = nn.TransformerEncoderLayer(
+            E, 2, dim_feedforward=12, dropout=0.2, batch_first=batch_first, norm_first=norm_first
+        )
+        self.encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(E), enable_nested_tensor=False)
+        self.head = nn.Linear(E, classes)
+
+    def forward(self, tokens, padding_mask, labels):
+        x = self.embedding(tokens)
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        x = self.encoder(x, src_key_padding_mask=padding_mask)
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        keep = (~padding_mask).unsqueeze(-1).to(x.dtype)
+        pooled = (x * keep).sum(dim=1) / keep.sum(dim=1)
+        return nn.functional.cross_entropy(self.head(pooled), labels, reduction="none")
+
+
+@pytest.mark.parametrize("b", MICROBATCH_SIZES)
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_transformer_encoder_classifier(b, batch_first, norm_first):
+    torch.manual_seed(2)
+    tokens = torch.randint(0, 11, (B, 7))
+    lengths = torch.tensor([7, 3, 5, 7, 2])
+    padding_mask = torch.arange(7).unsqueeze(0) >= lengths.unsqueeze(1)
+    labels = torch.randint(0, 3, (B,))
+    torch.manual_seed(0)
+    model = TransformerClassifier(batch_first, norm_first)
+    check_update(model, lambda m: m(tokens, padding_mask, labels), B, b)
+
+
+@pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
+def test_single_transformer_layer_time_first(clipping):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, 4, dim_feedforward=16, dropout=0.1)
+    x = torch.randn(B, T, E)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            return self.layer(x.transpose(0, 1)).pow(2).sum(dim=(0, 2))
+
+    check_update(Model(), lambda m: m(x), B, 2, clipping)

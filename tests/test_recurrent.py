@@ -75,7 +75,7 @@ def check_exact(rnn: nn.RNNBase, microbatch_size: int, packed: str = "", with_st
     max_grad_norm = None if clipping == "adaptive" else 0.5
     ref = reference_update(model, lambda net, s: _seeded(seed, run, net, s, microbatch_size), B, microbatch_size,
                            clipping=clipping, max_grad_norm=max_grad_norm)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     wrapped, clipped, _ = MicroBatchClipping().make_clipped(
         module=model, optimizer=optimizer, microbatch_size=microbatch_size, max_grad_norm=max_grad_norm,
         clipping=clipping, batch_first=not time_major,

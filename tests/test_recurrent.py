@@ -342,3 +342,24 @@ def test_unbatched_input_is_refused_with_a_clear_error():
 
     with pytest.raises(BatchError, match="unbatched"):
         wrapped(torch.randn(T, T, FEATURES, dtype=torch.float64)).mean().backward()
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_output_only_with_a_plain_sum_loss(kind):
+    """A batch_first output is a view, and ``.sum()`` sends back an expanded gradient: it must still arrive."""
+    torch.manual_seed(0)
+    rnn = RNN_FACTORIES[kind](batch_first=True).double()
+    x, _, _ = make_data(rnn, "")
+
+    def per_sample(net, s):
+        return net(x[s])[0].sum(dim=(1, 2))
+
+    ref = reference_update(rnn, per_sample, B, 2, max_grad_norm=0.5)
+    optimizer = torch.optim.SGD(rnn.parameters(), lr=0.1)
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=rnn, optimizer=optimizer, microbatch_size=2, max_grad_norm=0.5
+    )
+    clipped.zero_grad()
+    wrapped(x)[0].sum().div(B).backward()
+    clipped.pre_step()
+    assert_close_update([p.grad for p in rnn.parameters()], ref.update)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -22,28 +23,25 @@ class Model(nn.Module):
         return self.head(self.lstm(x)[0]).pow(2).mean(dim=(1, 2))
 
 
-def timed(step, repeats: int = 10) -> float:
-    for _ in range(3):
-        step()
+def seconds(step) -> float:
     start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    return (time.perf_counter() - start) / repeats
+    step()
+    return time.perf_counter() - start
 
 
-def main() -> None:
+def main(repeats: int = 5) -> None:
+    """Plain and clipped steps alternate, so a machine whose load changes affects both alike; medians reported."""
     torch.manual_seed(0)
     x = torch.randn(B, T, FEATURES)
-    model = Model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    plain_model = Model()
+    plain_optimizer = torch.optim.SGD(plain_model.parameters(), lr=1e-3)
 
     def plain_step():
-        optimizer.zero_grad()
-        model(x).mean().backward()
-        optimizer.step()
+        plain_optimizer.zero_grad()
+        plain_model(x).mean().backward()
+        plain_optimizer.step()
 
-    plain = timed(plain_step)
-    print(f"plain step: {plain * 1e3:.1f} ms  (threads={torch.get_num_threads()})")
+    print(f"2x{HIDDEN} LSTM, B={B}, T={T}, threads={torch.get_num_threads()}")
     for microbatch_size in (1, 2, 4, 8, 32):
         model = Model()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -51,13 +49,19 @@ def main() -> None:
             module=model, optimizer=optimizer, microbatch_size=microbatch_size, max_grad_norm=1.0
         )
 
-        def clipped_step():
+        def clipped_step(wrapped=wrapped, clipped=clipped):
             clipped.zero_grad()
             wrapped(x).mean().backward()
             clipped.step()
 
-        seconds = timed(clipped_step)
-        print(f"b={microbatch_size:>2}: {seconds * 1e3:.1f} ms  ratio {seconds / plain:.2f}")
+        plain_step(), clipped_step()  # warm-up
+        plain_times, clipped_times = [], []
+        for _ in range(repeats):
+            plain_times.append(seconds(plain_step))
+            clipped_times.append(seconds(clipped_step))
+        plain, mine = statistics.median(plain_times), statistics.median(clipped_times)
+        ratio = mine / plain
+        print(f"b={microbatch_size:>2}: plain {plain * 1e3:.1f} ms, mbclip {mine * 1e3:.1f} ms, ratio {ratio:.2f}")
 
 
 if __name__ == "__main__":

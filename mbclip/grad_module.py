@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from types import MethodType
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -146,12 +147,17 @@ class MicroBatchGradSampleModule(GradSampleModule):
         for layer in self._plan:
             hook = partial(self._on_forward, layer=layer)
             handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
+            if layer.sampler is not None and layer.sampler.forward is not None:
+                layer.module.forward = MethodType(layer.sampler.forward, layer.module)
         self._module.autograd_grad_sample_hooks = handles
         self.autograd_grad_sample_hooks = handles
         self.enable_hooks()
 
     def remove_hooks(self) -> None:
         super().remove_hooks()
+        for layer in self._plan:
+            if layer.sampler is not None and layer.sampler.forward is not None:
+                layer.module.__dict__.pop("forward", None)  # back to the class's own forward
         self._reset_passes()
         swap_out_batchnorms(getattr(self, "_swapped_batchnorms", []))
         self._swapped_batchnorms = []

@@ -55,7 +55,7 @@ def on_output_gradients(tensors: Sequence[torch.Tensor], callback: GradsCallback
     def on_grads(grads: Sequence[Optional[torch.Tensor]]) -> None:
         if _is_suspended():
             return
-        callback([replay(g) if replay is not None and g is not None else g for g, replay in zip(grads, replays)])
+        callback([g if replay is None or g is None else _replay(replay, g) for g, replay in zip(grads, replays)])
 
     register_multi_grad_hook(targets, on_grads, mode="all")
 
@@ -79,7 +79,16 @@ def _hook_single(tensor: torch.Tensor, callback: GradsCallback) -> None:
         if view_fired[0]:  # the view's own hook already delivered this backward's gradient
             view_fired[0] = False
             return
-        callback([replay(grad)])
+        callback([_replay(replay, grad)])
 
     tensor.register_hook(on_view)
     tensor._base.register_hook(on_base)
+
+
+def _replay(view_func, grad: torch.Tensor) -> torch.Tensor:
+    """The view of ``grad`` that ``view_func`` makes of the base.
+
+    ``Tensor._view_func`` returns ``None`` on an expanded gradient (stride 0, what ``.sum()`` sends back), so the
+    gradient is made contiguous first (free when it already is).
+    """
+    return view_func(grad.contiguous())

@@ -50,16 +50,25 @@ def check_ctc_model(model, b, clipping="fixed", criterion="sum", lengths=LENGTHS
 
     def trimmed(m, samples):
         kept = lengths[samples]
-        losses = ctc_per_sample(m, features[samples, : int(kept.max())], kept, targets[samples],
-                                target_lengths[samples])
+        losses = ctc_per_sample(
+            m, features[samples, : int(kept.max())], kept, targets[samples], target_lengths[samples]
+        )
         return losses if criterion == "sum" else losses / target_lengths[samples]
 
     def user_loss(m):
         log_probs, out_lengths = m(features, lengths)
         return F.ctc_loss(log_probs.transpose(0, 1), targets, out_lengths, target_lengths, reduction=criterion)
 
-    check_update(model, None, len(lengths), b, clipping, per_sample_losses=trimmed, training_loss=user_loss,
-                 loss_reduction=criterion)
+    check_update(
+        model,
+        None,
+        len(lengths),
+        b,
+        clipping,
+        per_sample_losses=trimmed,
+        training_loss=user_loss,
+        loss_reduction=criterion,
+    )
 
 
 def small_conformer(**options):
@@ -122,10 +131,6 @@ def test_conformer_ctc_default_size(b):
     check_ctc_model(ConformerCTC(FEATURES, VOCAB), b, "adaptive")
 
 
-NEEDS_RECURRENT = pytest.mark.xfail(strict=False, reason="needs recurrent sampler")
-
-
-@NEEDS_RECURRENT
 @pytest.mark.parametrize("b", MICROBATCH_SIZES)
 @pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
 def test_lstm_ctc_padded(b, clipping):
@@ -133,7 +138,6 @@ def test_lstm_ctc_padded(b, clipping):
     check_ctc_model(LSTMCTC(FEATURES, VOCAB, hidden_size=8, num_layers=2), b, clipping)
 
 
-@NEEDS_RECURRENT
 @pytest.mark.parametrize("b", [1, 3])
 def test_lstm_ctc_packed_bidirectional(b):
     torch.manual_seed(0)

@@ -55,9 +55,7 @@ class Conv2dSubsampling(nn.Module):
 def relative_positional_encoding(length: int, d_model: int, dtype=None, device=None) -> torch.Tensor:
     """Sinusoidal encodings of relative positions ``length - 1, ..., -(length - 1)``: ``[1, 2 * length - 1, d]``."""
     positions = torch.arange(length - 1, -length, -1, dtype=dtype, device=device).unsqueeze(1)
-    frequencies = torch.exp(
-        torch.arange(0, d_model, 2, dtype=dtype, device=device) * (-math.log(10000.0) / d_model)
-    )
+    frequencies = torch.exp(torch.arange(0, d_model, 2, dtype=dtype, device=device) * (-math.log(10000.0) / d_model))
     encoding = torch.zeros(2 * length - 1, d_model, dtype=dtype, device=device)
     encoding[:, 0::2] = torch.sin(positions * frequencies)
     encoding[:, 1::2] = torch.cos(positions * frequencies)
@@ -172,8 +170,9 @@ class ConvolutionModule(nn.Module):
 class ConformerBlock(nn.Module):
     """Half-step feed-forward, rel-pos self-attention, convolution module, half-step feed-forward, LayerNorm."""
 
-    def __init__(self, d_model: int, num_heads: int, kernel_size: int = 15, norm: str = "layer_norm",
-                 dropout: float = 0.0):
+    def __init__(
+        self, d_model: int, num_heads: int, kernel_size: int = 15, norm: str = "layer_norm", dropout: float = 0.0
+    ):
         super().__init__()
         self.feed_forward1 = FeedForward(d_model, dropout=dropout)
         self.norm_attention = nn.LayerNorm(d_model)
@@ -199,9 +198,17 @@ class ConformerEncoder(nn.Module):
     Defaults are small (d_model 64, 2 blocks, 4 heads): enough for tests, tutorials and benchmarks.
     """
 
-    def __init__(self, num_features: int = 40, d_model: int = 64, num_heads: int = 4, num_blocks: int = 2,
-                 kernel_size: int = 15, norm: str = "layer_norm", dropout: float = 0.0,
-                 subsampling_channels: int = 32):
+    def __init__(
+        self,
+        num_features: int = 40,
+        d_model: int = 64,
+        num_heads: int = 4,
+        num_blocks: int = 2,
+        kernel_size: int = 15,
+        norm: str = "layer_norm",
+        dropout: float = 0.0,
+        subsampling_channels: int = 32,
+    ):
         super().__init__()
         self.d_model = d_model
         self.subsampling = Conv2dSubsampling(num_features, d_model, subsampling_channels)

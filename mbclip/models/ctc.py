@@ -18,8 +18,17 @@ from mbclip.models.conformer import ConformerEncoder, padding_mask
 class ConformerCTC(nn.Module):
     """:class:`ConformerEncoder` and a linear head to the vocabulary (log-softmax)."""
 
-    def __init__(self, num_features: int = 40, vocab_size: int = 32, d_model: int = 64, num_heads: int = 4,
-                 num_blocks: int = 2, kernel_size: int = 15, norm: str = "layer_norm", dropout: float = 0.0):
+    def __init__(
+        self,
+        num_features: int = 40,
+        vocab_size: int = 32,
+        d_model: int = 64,
+        num_heads: int = 4,
+        num_blocks: int = 2,
+        kernel_size: int = 15,
+        norm: str = "layer_norm",
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.encoder = ConformerEncoder(num_features, d_model, num_heads, num_blocks, kernel_size, norm, dropout)
         self.head = nn.Linear(d_model, vocab_size)
@@ -38,14 +47,23 @@ class LSTMCTC(nn.Module):
     (``PackedSequence``, exact for both directions).
     """
 
-    def __init__(self, num_features: int = 40, vocab_size: int = 32, hidden_size: int = 64, num_layers: int = 2,
-                 bidirectional: bool = False, packed: bool = False, dropout: float = 0.0):
+    def __init__(
+        self,
+        num_features: int = 40,
+        vocab_size: int = 32,
+        hidden_size: int = 64,
+        num_layers: int = 2,
+        bidirectional: bool = False,
+        packed: bool = False,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if bidirectional and not packed:
             raise ValueError("a bidirectional LSTM reads padding in reverse: use packed=True with bidirectional=True")
         self.packed = packed
-        self.lstm = nn.LSTM(num_features, hidden_size, num_layers, batch_first=True, dropout=dropout,
-                            bidirectional=bidirectional)
+        self.lstm = nn.LSTM(
+            num_features, hidden_size, num_layers, batch_first=True, dropout=dropout, bidirectional=bidirectional
+        )
         self.head = nn.Linear(hidden_size * (2 if bidirectional else 1), vocab_size)
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

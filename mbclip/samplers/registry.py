@@ -58,13 +58,16 @@ class MicroBatchSampler:
     ``batch_dim``: fixed batch dimension of the layer's input (``0`` for convolutions), or ``None``
     to infer it from the batch size. ``keep_outputs``: keep the raw outputs of each call (with
     their autograd graph) for the sampler. A registered sampler owns every parameter of the
-    layer's subtree: mbclip does not hook the layer's children.
+    layer's subtree: mbclip does not hook the layer's children. ``forward``: an instance-level
+    forward (same numerics, records what the sampler needs) installed on each sampled layer while
+    it is wrapped, removed by ``remove_hooks``; its class and ``state_dict`` are untouched.
     """
 
     fn: SamplerFn
     batch_dim: Optional[int] = None
     keep_outputs: bool = False
     check: Optional[Callable[[nn.Module], Optional[str]]] = None
+    forward: Optional[Callable[..., Any]] = None
 
 
 MICROBATCH_SAMPLERS: Dict[Type[nn.Module], MicroBatchSampler] = {}
@@ -78,15 +81,17 @@ def register_microbatch_sampler(
     batch_dim: Optional[int] = None,
     keep_outputs: bool = False,
     check: Optional[Callable[[nn.Module], Optional[str]]] = None,
+    forward: Optional[Callable[..., Any]] = None,
 ) -> Callable[[SamplerFn], SamplerFn]:
     """Decorator: register ``fn`` as the micro-batch sampler of ``module_types`` (exact types).
 
     ``check(module)`` may return why a particular instance cannot be sampled (shown at wrap time).
+    ``forward(module, *args, **kwargs)`` replaces the layer's forward while it is wrapped.
     """
 
     def decorator(fn: SamplerFn) -> SamplerFn:
         for module_type in module_types:
-            MICROBATCH_SAMPLERS[module_type] = MicroBatchSampler(fn, batch_dim, keep_outputs, check)
+            MICROBATCH_SAMPLERS[module_type] = MicroBatchSampler(fn, batch_dim, keep_outputs, check, forward)
             UNSUPPORTED_LAYERS.pop(module_type, None)
         return fn
 

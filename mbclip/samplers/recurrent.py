@@ -1,0 +1,387 @@
+"""``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` as users write them: exact micro-batch gradients, whole sequences at once.
+
+While a model is wrapped, each recurrent layer runs :func:`recording_forward`: the same native kernels
+(``torch._VF``), one layer at a time, so that every layer's input and output and the inter-layer dropout
+masks actually used are known. In backward the sampler recomputes all gate pre-activations of a layer in
+two batched matmuls, runs one backward-through-time with one matmul per step to get the gate gradients
+``dG_t`` of every sample and step, and contracts them with the inputs and previous hidden states once per
+weight over each micro-batch: memory ``M x params``, never ``B x params``, and no per-step weight gradients.
+
+Packed sequences are unpacked to padded, time-major, *batch-order* tensors with a validity mask, so
+per-sample rows follow the user's batch order whatever ``enforce_sorted`` was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import _VF, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from mbclip.errors import BatchError
+from mbclip.layout import MicroBatchLayout
+from mbclip.samplers.registry import LayerCall, register_microbatch_sampler
+
+RECORD_ATTRIBUTE = "_mbclip_recurrent_record"
+
+NATIVE_KERNELS = {"LSTM": _VF.lstm, "GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu}
+
+
+@dataclass
+class RecurrentRecord:
+    """What one training forward of a recurrent layer used, every tensor detached.
+
+    ``layer_inputs`` / ``layer_outputs``: per layer, time-major ``[T, B, *]`` or packed data;
+    ``dropout_scales[l]``: the factor (mask / (1 - p)) applied to layer ``l``'s output to form layer
+    ``l + 1``'s input, ``None`` without dropout. ``h0`` / ``c0``: initial states in batch order.
+    """
+
+    layer_inputs: List[torch.Tensor]
+    layer_outputs: List[torch.Tensor]
+    dropout_scales: List[Optional[torch.Tensor]]
+    h0: torch.Tensor
+    c0: Optional[torch.Tensor]
+    batch_sizes: Optional[torch.Tensor]
+    sorted_indices: Optional[torch.Tensor]
+    unsorted_indices: Optional[torch.Tensor]
+
+    @property
+    def packed(self) -> bool:
+        return self.batch_sizes is not None
+
+    def padded(self, data: torch.Tensor) -> torch.Tensor:
+        """``[T, B, *]`` in batch order (packed data unpacked, zeros past each sequence's end)."""
+        if not self.packed:
+            return data
+        sequence = PackedSequence(data, self.batch_sizes, self.sorted_indices, self.unsorted_indices)
+        return pad_packed_sequence(sequence)[0]
+
+    def valid_steps(self, device) -> Optional[torch.Tensor]:
+        """``[T, B, 1]`` bool: step ``t`` lies inside sequence ``b`` (batch order); ``None`` when all do."""
+        if not self.packed:
+            return None
+        batch_sizes = self.batch_sizes.to(device)
+        sorted_positions = torch.arange(int(batch_sizes[0]), device=device)
+        valid = batch_sizes.unsqueeze(1) > sorted_positions.unsqueeze(0)  # [T, B] in sorted order
+        if self.unsorted_indices is not None:
+            valid = valid[:, self.unsorted_indices.to(device)]
+        return valid.unsqueeze(-1)
+
+
+def _initial_states(module: nn.RNNBase, hx, batch: int, like: torch.Tensor, sorted_indices):
+    """``(h0, c0)`` in batch order and ``hx`` in the kernel's (sorted) order, as ``nn.LSTM.forward`` builds them."""
+    directions = 2 if module.bidirectional else 1
+    real_hidden = module.proj_size if getattr(module, "proj_size", 0) > 0 else module.hidden_size
+    is_lstm = module.mode == "LSTM"
+    if hx is None:
+        h0 = like.new_zeros((module.num_layers * directions, batch, real_hidden))
+        c0 = like.new_zeros((module.num_layers * directions, batch, module.hidden_size)) if is_lstm else None
+    else:
+        h0, c0 = hx if is_lstm else (hx, None)
+    if sorted_indices is None:
+        return h0, c0, ((h0, c0) if is_lstm else h0)
+    sorted_h = h0.index_select(1, sorted_indices)
+    sorted_c = c0.index_select(1, sorted_indices) if is_lstm else None
+    return h0, c0, ((sorted_h, sorted_c) if is_lstm else sorted_h)
+
+
+def recording_forward(module: nn.RNNBase, input, hx=None):
+    """The layer's forward with its own kernels, one layer at a time, recording what the sampler needs.
+
+    Outside training (or without grad, or on an unbatched input) it is the class's own forward.
+    """
+    packed = isinstance(input, PackedSequence)
+    if not (module.training and torch.is_grad_enabled()) or (not packed and input.dim() != 3):
+        return type(module).forward(module, input, hx)
+    if packed:
+        data, batch_sizes, sorted_indices, unsorted_indices = input
+        batch = int(batch_sizes[0])
+        layer_input = data
+    else:
+        batch_sizes = sorted_indices = unsorted_indices = None
+        layer_input = input.transpose(0, 1) if module.batch_first else input
+        batch = layer_input.shape[1]
+    is_lstm = module.mode == "LSTM"
+    h0, c0, kernel_hx = _initial_states(module, hx, batch, layer_input, sorted_indices)
+    module.check_forward_args(data if packed else input, kernel_hx, batch_sizes)
+    kernel = NATIVE_KERNELS[module.mode]
+    directions = 2 if module.bidirectional else 1
+    weights = module._flat_weights
+    per_layer = len(weights) // module.num_layers
+    inputs, outputs, scales, last_h, last_c = [], [], [], [], []
+    for layer in range(module.num_layers):
+        rows = slice(layer * directions, (layer + 1) * directions)
+        layer_hx = [kernel_hx[0][rows], kernel_hx[1][rows]] if is_lstm else kernel_hx[rows]
+        layer_weights = weights[layer * per_layer : (layer + 1) * per_layer]
+        if packed:
+            result = kernel(
+                layer_input, batch_sizes, layer_hx, layer_weights, module.bias, 1, 0.0, True, module.bidirectional
+            )
+        else:
+            result = kernel(
+                layer_input, layer_hx, layer_weights, module.bias, 1, 0.0, True, module.bidirectional, False
+            )
+        output = result[0]
+        last_h.append(result[1])
+        if is_lstm:
+            last_c.append(result[2])
+        inputs.append(layer_input.detach())
+        outputs.append(output.detach())
+        if layer < module.num_layers - 1 and module.dropout > 0:
+            keep = 1.0 - module.dropout
+            scale = torch.empty_like(output).bernoulli_(keep).div_(keep) if keep > 0 else torch.zeros_like(output)
+            scales.append(scale)
+            layer_input = output * scale
+        else:
+            scales.append(None)
+            layer_input = output
+    h_n = torch.cat(last_h, dim=0)
+    c_n = torch.cat(last_c, dim=0) if is_lstm else None
+    if unsorted_indices is not None:
+        h_n = h_n.index_select(1, unsorted_indices)
+        c_n = c_n.index_select(1, unsorted_indices) if is_lstm else None
+    record = RecurrentRecord(
+        inputs,
+        outputs,
+        scales,
+        h0.detach(),
+        c0.detach() if c0 is not None else None,
+        batch_sizes,
+        sorted_indices,
+        unsorted_indices,
+    )
+    if packed:
+        result_output = PackedSequence(layer_input, batch_sizes, sorted_indices, unsorted_indices)
+        setattr(layer_input, RECORD_ATTRIBUTE, record)
+    else:
+        result_output = layer_input.transpose(0, 1) if module.batch_first else layer_input
+        setattr(result_output, RECORD_ATTRIBUTE, record)
+    return result_output, ((h_n, c_n) if is_lstm else h_n)
+
+
+# -- backward through time -------------------------------------------------------------------------
+
+
+@dataclass
+class DirectionGradients:
+    """Per-sample, per-step gradients of one direction of one layer (zero past each sequence's end)."""
+
+    gates_input: torch.Tensor  # dG of the input projection, [T, B, G]
+    gates_hidden: torch.Tensor  # dG of the hidden projection, [T, B, G]
+    hidden_prev: torch.Tensor  # h_{t-1} the hidden projection saw, [T, B, H_out]
+    projection: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # LSTM proj_size: (dh_t, o_t * tanh(c_t))
+
+
+def _previous_hidden(output: torch.Tensor, h0: torch.Tensor, reverse: bool, valid: torch.Tensor) -> torch.Tensor:
+    """``h_{t-1}`` in processing order for every step: the shifted output, ``h0`` at each sequence's first step."""
+    if not reverse:
+        return torch.cat([h0.unsqueeze(0), output[:-1]], dim=0)
+    following = torch.cat([output[1:], torch.zeros_like(output[:1])], dim=0)
+    has_following = torch.cat([valid[1:], torch.zeros_like(valid[:1])], dim=0)
+    return torch.where(has_following, following, h0.unsqueeze(0))
+
+
+def _steps(total: int, reverse: bool, backward: bool):
+    forward_order = range(total - 1, -1, -1) if reverse else range(total)
+    return reversed(forward_order) if backward else forward_order
+
+
+def _direction_backward(
+    module: nn.RNNBase,
+    weights: Dict[str, Optional[torch.Tensor]],
+    x: torch.Tensor,
+    output: torch.Tensor,
+    grad_output: torch.Tensor,
+    h0: torch.Tensor,
+    c0: Optional[torch.Tensor],
+    grad_hn: torch.Tensor,
+    grad_cn: Optional[torch.Tensor],
+    valid: Optional[torch.Tensor],
+    reverse: bool,
+) -> DirectionGradients:
+    """Gate gradients of every sample and step of one direction: batched recompute, one matmul per step back."""
+    total = x.shape[0]
+    valid_bool = valid if valid is not None else torch.ones_like(output[..., :1], dtype=torch.bool)
+    mask = valid_bool.to(x.dtype)
+    h_prev = _previous_hidden(output, h0, reverse, valid_bool)
+    w_hh = weights["weight_hh"]
+    mode = module.mode
+    dh_state = grad_hn
+    dgates = torch.empty(x.shape[:2] + (w_hh.shape[0],), dtype=x.dtype, device=x.device)
+    passing = None if valid is None else 1.0 - mask  # where a step is padding, the state gradient passes through
+    if mode in ("RNN_TANH", "RNN_RELU"):
+        slope = (1 - output * output) if mode == "RNN_TANH" else (output > 0).to(x.dtype)
+        slope = slope * mask
+        for t in _steps(total, reverse, backward=True):
+            dh = dh_state + grad_output[t]
+            dgates[t] = dh * slope[t]
+            dh_state = dgates[t] @ w_hh if passing is None else torch.addmm(passing[t] * dh, dgates[t], w_hh)
+        return DirectionGradients(dgates, dgates, h_prev)
+    gx = x @ weights["weight_ih"].T
+    gh = h_prev @ w_hh.T
+    if weights["bias_ih"] is not None:
+        gx = gx + weights["bias_ih"]
+        gh = gh + weights["bias_hh"]
+    if mode == "GRU":
+        gx_r, gx_z, gx_n = gx.chunk(3, dim=-1)
+        gh_r, gh_z, gh_n = gh.chunk(3, dim=-1)
+        r = torch.sigmoid(gx_r + gh_r)
+        z = torch.sigmoid(gx_z + gh_z)
+        n = torch.tanh(gx_n + r * gh_n)
+        da = (1 - z) * (1 - n * n)
+        coef_input = torch.cat([da * gh_n * r * (1 - r), (h_prev - n) * z * (1 - z), da], dim=-1) * mask
+        coef_hidden = torch.cat([coef_input[..., : 2 * n.shape[-1]], coef_input[..., 2 * n.shape[-1] :] * r], dim=-1)
+        keep = torch.where(valid_bool, z, torch.ones_like(z))
+        dh_total = torch.empty_like(output)
+        for t in _steps(total, reverse, backward=True):
+            dh = dh_state + grad_output[t]
+            dh_total[t] = dh
+            dgates[t] = dh.repeat(1, 3) * coef_hidden[t]
+            dh_state = torch.addmm(dh * keep[t], dgates[t], w_hh)
+        return DirectionGradients(dh_total.repeat(1, 1, 3) * coef_input, dgates, h_prev)
+    # LSTM: c_t is not an output, so recompute it (elementwise, one step at a time)
+    gates = gx + gh
+    i, f, g, o = gates.chunk(4, dim=-1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    cell = torch.empty_like(i)
+    cell_prev = torch.empty_like(i)
+    c_state = c0
+    fresh = i * g
+    for t in _steps(total, reverse, backward=False):
+        cell_prev[t] = c_state
+        cell[t] = torch.addcmul(fresh[t], f[t], c_state)
+        c_state = cell[t] if valid is None else torch.where(valid_bool[t], cell[t], c_state)
+    tanh_c = torch.tanh(cell)
+    coef = torch.cat([g * i * (1 - i), cell_prev * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], dim=-1)
+    coef = coef * mask
+    through_cell = o * (1 - tanh_c * tanh_c) * mask
+    forget = f if valid is None else torch.where(valid_bool, f, torch.ones_like(f))
+    w_hr = weights.get("weight_hr")
+    dh_total = torch.empty_like(output) if w_hr is not None else None
+    dc_state = grad_cn
+    for t in _steps(total, reverse, backward=True):
+        dh = dh_state + grad_output[t]
+        if w_hr is not None:
+            dh_total[t] = dh
+            dm = dh @ w_hr
+        else:
+            dm = dh
+        dc = torch.addcmul(dc_state, dm, through_cell[t])
+        dgates[t] = torch.cat([dc, dc, dc, dm], dim=-1) * coef[t]
+        dh_state = dgates[t] @ w_hh if passing is None else torch.addmm(passing[t] * dh, dgates[t], w_hh)
+        dc_state = dc * forget[t]
+    projection = None
+    if w_hr is not None:
+        projection = (dh_total * mask, o * tanh_c)
+    return DirectionGradients(dgates, dgates, h_prev, projection)
+
+
+# -- micro-batch contractions ------------------------------------------------------------------------
+
+
+def _grouped(tensor: torch.Tensor, layout: MicroBatchLayout) -> torch.Tensor:
+    """``[T, B, d]`` -> ``[M, b * T, d]``: every step of every sample of a micro-batch in one matrix."""
+    grouped = layout.group(tensor.transpose(0, 1))
+    return grouped.reshape(grouped.shape[0], -1, grouped.shape[-1])
+
+
+def _outer_sums(left: torch.Tensor, right: torch.Tensor, layout: MicroBatchLayout) -> torch.Tensor:
+    """``[M, d_left, d_right]``: per micro-batch, the sum over its samples and steps of ``left_t right_t^T``."""
+    return torch.bmm(_grouped(left, layout).transpose(1, 2), _grouped(right, layout))
+
+
+def _bias_sums(tensor: torch.Tensor, layout: MicroBatchLayout) -> torch.Tensor:
+    return layout.sum_per_microbatch(tensor.sum(dim=0))
+
+
+def _suffix(layer: int, direction: int) -> str:
+    return f"_l{layer}" + ("_reverse" if direction else "")
+
+
+def _split_grad_outputs(module: nn.RNNBase, grad_outputs: Sequence[Optional[torch.Tensor]]):
+    if module.mode == "LSTM":
+        return grad_outputs[0], grad_outputs[-2], grad_outputs[-1]
+    return grad_outputs[0], grad_outputs[-1], None
+
+
+@register_microbatch_sampler(nn.LSTM, nn.GRU, nn.RNN, keep_outputs=True, forward=recording_forward)
+def recurrent_sampler(
+    module: nn.RNNBase, call: LayerCall, grad_outputs: Sequence[Optional[torch.Tensor]]
+) -> Dict[nn.Parameter, torch.Tensor]:
+    record: Optional[RecurrentRecord] = getattr(call.outputs[0], RECORD_ATTRIBUTE, None) if call.outputs else None
+    if record is None:
+        raise BatchError(
+            f"{type(module).__name__} was called on an unbatched input (no batch dimension). Under mbclip give it a "
+            "batch: [B, T, features] with batch_first=True, [T, B, features] otherwise, or a PackedSequence."
+        )
+    layout = call.layout
+    grad_out, grad_hn, grad_cn = _split_grad_outputs(module, grad_outputs)
+    first_output = record.padded(record.layer_outputs[-1])
+    batch = first_output.shape[1]
+    if batch != layout.batch_size:
+        raise BatchError(
+            f"{type(module).__name__} saw {batch} sequences but the model's batch has {layout.batch_size}: mbclip "
+            "needs the recurrent layer to run on the model's batch, one sequence per sample."
+        )
+    directions = 2 if module.bidirectional else 1
+    dtype, device = first_output.dtype, first_output.device
+    if grad_out is None:
+        grad_out = torch.zeros_like(first_output)
+    elif record.packed:
+        grad_out = record.padded(grad_out)
+    elif module.batch_first:
+        grad_out = grad_out.transpose(0, 1)
+    if grad_hn is None:
+        grad_hn = torch.zeros_like(record.h0)
+    if module.mode == "LSTM" and grad_cn is None:
+        grad_cn = torch.zeros_like(record.c0)
+    valid = record.valid_steps(device)
+    result: Dict[nn.Parameter, torch.Tensor] = {}
+    grad_layer_output = grad_out.to(dtype)
+    for layer in reversed(range(module.num_layers)):
+        x = record.padded(record.layer_inputs[layer])
+        output = record.padded(record.layer_outputs[layer])
+        width = output.shape[-1] // directions
+        grad_input = None
+        for direction in range(directions):
+            suffix = _suffix(layer, direction)
+            weights = {
+                name: getattr(module, name + suffix, None)
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+            }
+            weights = {name: (w.detach() if w is not None else None) for name, w in weights.items()}
+            state = layer * directions + direction
+            columns = slice(direction * width, (direction + 1) * width)
+            grads = _direction_backward(
+                module,
+                weights,
+                x,
+                output[..., columns],
+                grad_layer_output[..., columns],
+                record.h0[state],
+                record.c0[state] if record.c0 is not None else None,
+                grad_hn[state],
+                grad_cn[state] if grad_cn is not None else None,
+                valid,
+                reverse=bool(direction),
+            )
+            params = {name: getattr(module, name + suffix, None) for name in weights}
+            if params["weight_ih"].requires_grad:
+                result[params["weight_ih"]] = _outer_sums(grads.gates_input, x, layout)
+            if params["weight_hh"].requires_grad:
+                result[params["weight_hh"]] = _outer_sums(grads.gates_hidden, grads.hidden_prev, layout)
+            if params["bias_ih"] is not None and params["bias_ih"].requires_grad:
+                result[params["bias_ih"]] = _bias_sums(grads.gates_input, layout)
+            if params["bias_hh"] is not None and params["bias_hh"].requires_grad:
+                result[params["bias_hh"]] = _bias_sums(grads.gates_hidden, layout)
+            if grads.projection is not None and params["weight_hr"].requires_grad:
+                result[params["weight_hr"]] = _outer_sums(*grads.projection, layout)
+            if layer > 0:
+                part = grads.gates_input @ weights["weight_ih"]
+                grad_input = part if grad_input is None else grad_input + part
+        if layer > 0:
+            scale = record.dropout_scales[layer - 1]
+            grad_layer_output = grad_input if scale is None else grad_input * record.padded(scale)
+    return result

@@ -1,0 +1,365 @@
+"""nn.LSTM / nn.GRU / nn.RNN as users write them: exact micro-batch gradients against the brute-force reference."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from mbclip.engine import MicroBatchClipping
+from mbclip.samplers.recurrent import RECORD_ATTRIBUTE
+from tests.reference import assert_close_update, reference_update
+
+B, T, FEATURES, HIDDEN = 5, 4, 3, 4
+LENGTHS = [3, 4, 1, 2, 4]  # unsorted on purpose
+
+
+class SequenceModel(nn.Module):
+    """A recurrent layer and a loss per sample; ``packed`` feeds it a PackedSequence of unequal lengths."""
+
+    def __init__(self, rnn: nn.RNNBase, packed: str = "", with_state: bool = False):
+        super().__init__()
+        self.rnn = rnn
+        self.packed = packed
+        self.with_state = with_state
+
+    def forward(self, x: torch.Tensor, h0=None, c0=None, lengths=None) -> torch.Tensor:
+        batch_first = self.rnn.batch_first
+        inputs = x
+        if self.packed:
+            inputs = pack_padded_sequence(
+                x, lengths, batch_first=batch_first, enforce_sorted=(self.packed == "sorted")
+            )
+        state = None
+        if self.with_state:
+            state = (h0, c0) if isinstance(self.rnn, nn.LSTM) else h0
+        output, hidden = self.rnn(inputs, state)
+        if self.packed:
+            output, _ = pad_packed_sequence(output, batch_first=batch_first, total_length=T)
+        if not batch_first:
+            output = output.transpose(0, 1)
+        h_n = hidden[0] if isinstance(hidden, tuple) else hidden
+        weights = torch.linspace(-1, 1, output.shape[-1], dtype=output.dtype)
+        per_sample = (output.tanh() * weights).pow(2).sum(dim=(1, 2)) + h_n.sin().sum(dim=(0, 2))
+        if isinstance(hidden, tuple):
+            per_sample = per_sample + hidden[1].pow(2).sum(dim=(0, 2))
+        return per_sample
+
+
+def make_data(rnn: nn.RNNBase, packed: str):
+    torch.manual_seed(1)
+    x = torch.randn(B, T, FEATURES, dtype=torch.float64)
+    if packed:
+        for i, length in enumerate(LENGTHS):
+            x[i, length:] = 0.0
+    directions = 2 if rnn.bidirectional else 1
+    real_hidden = rnn.proj_size if getattr(rnn, "proj_size", 0) else rnn.hidden_size
+    h0 = torch.randn(rnn.num_layers * directions, B, real_hidden, dtype=torch.float64)
+    c0 = torch.randn(rnn.num_layers * directions, B, rnn.hidden_size, dtype=torch.float64)
+    return x, h0, c0
+
+
+def check_exact(rnn: nn.RNNBase, microbatch_size: int, packed: str = "", with_state: bool = False,
+                clipping: str = "fixed") -> None:
+    model = SequenceModel(rnn.double(), packed, with_state)
+    x, h0, c0 = make_data(rnn, packed)
+    time_major = not rnn.batch_first
+
+    def run(net, samples):
+        xs = x[samples]
+        lengths = torch.tensor(LENGTHS)[samples]
+        return net(xs.transpose(0, 1) if time_major else xs, h0[:, samples], c0[:, samples], lengths)
+
+    seed = 7
+    torch.manual_seed(seed)
+    max_grad_norm = None if clipping == "adaptive" else 0.5
+    ref = reference_update(model, lambda net, s: _seeded(seed, run, net, s, microbatch_size), B, microbatch_size,
+                           clipping=clipping, max_grad_norm=max_grad_norm)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=model, optimizer=optimizer, microbatch_size=microbatch_size, max_grad_norm=max_grad_norm,
+        clipping=clipping, batch_first=not time_major,
+    )
+    clipped.zero_grad()
+    torch.manual_seed(seed)
+    run(wrapped, slice(None)).mean().backward()
+    clipped.pre_step()
+    assert_close_update([p.grad for p in model.parameters() if p.requires_grad], ref.update)
+
+
+def _seeded(seed, run, net, samples, microbatch_size):
+    """Without dropout the reference needs no seed; with dropout, see ``test_dropout_between_layers``."""
+    return run(net, samples)
+
+
+RNN_FACTORIES = {
+    "lstm": lambda **kw: nn.LSTM(FEATURES, HIDDEN, **kw),
+    "gru": lambda **kw: nn.GRU(FEATURES, HIDDEN, **kw),
+    "rnn_tanh": lambda **kw: nn.RNN(FEATURES, HIDDEN, **kw),
+    "rnn_relu": lambda **kw: nn.RNN(FEATURES, HIDDEN, nonlinearity="relu", **kw),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(RNN_FACTORIES))
+@pytest.mark.parametrize("microbatch_size", [1, 2, 3, B])
+def test_every_cell_every_microbatch_size(kind, microbatch_size):
+    torch.manual_seed(0)
+    check_exact(RNN_FACTORIES[kind](batch_first=True, num_layers=2, bidirectional=True), microbatch_size)
+
+
+@pytest.mark.parametrize("kind", sorted(RNN_FACTORIES))
+@pytest.mark.parametrize("packed", ["sorted", "unsorted"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_packed_sequences_in_batch_order(kind, packed, batch_first):
+    torch.manual_seed(0)
+    rnn = RNN_FACTORIES[kind](batch_first=batch_first, num_layers=2, bidirectional=True)
+    if packed == "sorted":
+        global LENGTHS
+        saved = LENGTHS
+        LENGTHS = sorted(LENGTHS, reverse=True)
+        try:
+            check_exact(rnn, 2, packed=packed, with_state=True)
+        finally:
+            LENGTHS = saved
+    else:
+        check_exact(rnn, 2, packed=packed, with_state=True)
+
+
+@pytest.mark.parametrize("kind", sorted(RNN_FACTORIES))
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
+def test_initial_states_time_major_and_clipping(kind, batch_first, clipping):
+    torch.manual_seed(0)
+    check_exact(RNN_FACTORIES[kind](batch_first=batch_first), 3, with_state=True, clipping=clipping)
+
+
+@pytest.mark.parametrize("microbatch_size", [1, 3])
+@pytest.mark.parametrize("packed", ["", "unsorted"])
+def test_lstm_projection(microbatch_size, packed):
+    torch.manual_seed(0)
+    rnn = nn.LSTM(FEATURES, HIDDEN, num_layers=2, proj_size=2, bidirectional=True, batch_first=True)
+    check_exact(rnn, microbatch_size, packed=packed, with_state=True)
+
+
+@pytest.mark.parametrize("kind", sorted(RNN_FACTORIES))
+def test_without_bias(kind):
+    torch.manual_seed(0)
+    check_exact(RNN_FACTORIES[kind](batch_first=True, bias=False, num_layers=2), 2, packed="unsorted")
+
+
+def test_frozen_weights_are_left_alone():
+    torch.manual_seed(0)
+    rnn = nn.GRU(FEATURES, HIDDEN, batch_first=True)
+    rnn.weight_hh_l0.requires_grad_(False)
+    check_exact(rnn, 2)
+
+
+# -- inter-layer dropout: the reference replays the masks the wrapped forward drew ---------------------
+
+
+class StackedReference(nn.Module):
+    """The same network as a multi-layer RNN, one single-layer RNN per layer, with given dropout factors.
+
+    Its parameters come in the multi-layer module's order, so gradients line up one to one.
+    """
+
+    def __init__(self, rnn: nn.RNNBase, scales):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        directions = 2 if rnn.bidirectional else 1
+        for layer in range(rnn.num_layers):
+            single = type(rnn)(
+                rnn.input_size if layer == 0 else rnn.hidden_size * directions, rnn.hidden_size, num_layers=1,
+                bias=rnn.bias, batch_first=False, bidirectional=rnn.bidirectional,
+                **({"nonlinearity": rnn.nonlinearity} if isinstance(rnn, nn.RNN) else {}),
+            ).double()
+            for name, _ in single.named_parameters():
+                source = name.replace("_l0", f"_l{layer}")
+                getattr(single, name).data.copy_(getattr(rnn, source).data)
+            self.layers.append(single)
+        self.scales = scales  # per layer boundary, [T, B, H] batch order
+
+    def forward(self, x, lengths, samples):
+        inputs = x
+        for layer, module in enumerate(self.layers):
+            packed = pack_padded_sequence(inputs, lengths, enforce_sorted=False)
+            output, _ = module(packed)
+            output, _ = pad_packed_sequence(output, total_length=T)
+            if layer < len(self.layers) - 1:
+                output = output * self.scales[layer][:, samples]
+            inputs = output
+        return output
+
+
+@pytest.mark.parametrize("kind", sorted(RNN_FACTORIES))
+@pytest.mark.parametrize("microbatch_size", [1, 2, B])
+def test_dropout_between_layers_uses_the_real_masks(kind, microbatch_size):
+    torch.manual_seed(0)
+    rnn = RNN_FACTORIES[kind](num_layers=3, dropout=0.4, bidirectional=True).double()
+    x, _, _ = make_data(rnn, "unsorted")
+    x = x.transpose(0, 1)
+    lengths = torch.tensor(LENGTHS)
+
+    def loss_of(output):
+        return output.tanh().pow(2).sum(dim=(0, 2)) + output.sum(dim=(0, 2))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = rnn
+
+        def forward(self, inputs):
+            output, _ = self.rnn(pack_padded_sequence(inputs, lengths, enforce_sorted=False))
+            return loss_of(pad_packed_sequence(output, total_length=T)[0])
+
+    model = Model()
+    seen = []
+    model.rnn.register_forward_hook(lambda m, a, out: seen.append(out[0].data))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=model, optimizer=optimizer, microbatch_size=microbatch_size, max_grad_norm=0.5, batch_first=False
+    )
+    clipped.zero_grad()
+    wrapped(x).mean().backward()
+    clipped.pre_step()
+    record = getattr(seen[0], RECORD_ATTRIBUTE)
+    scales = [record.padded(s) for s in record.dropout_scales[:-1]]
+    assert all(bool((s == 0).any()) for s in scales)  # dropout really dropped something
+    reference = StackedReference(rnn, scales)
+    ref = reference_update(
+        reference, lambda net, s: loss_of(net(x[:, s], lengths[s], s)), B, microbatch_size, max_grad_norm=0.5
+    )
+    assert_close_update([p.grad for p in model.parameters()], ref.update)
+
+
+# -- a tiny LSTM CTC model on padded batches of unequal lengths ----------------------------------------
+
+
+class TinyLstmCtc(nn.Module):
+    """Features -> packed bidirectional LSTM -> Linear -> log-probabilities ``[T, B, classes]``."""
+
+    def __init__(self, features: int = FEATURES, hidden: int = HIDDEN, classes: int = 5):
+        super().__init__()
+        self.lstm = nn.LSTM(features, hidden, num_layers=2, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * hidden, classes)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        output, _ = self.lstm(packed)
+        output, _ = pad_packed_sequence(output, batch_first=True, total_length=x.shape[1])
+        return self.head(output).log_softmax(dim=-1).transpose(0, 1)
+
+
+@pytest.mark.parametrize("microbatch_size", [1, 2, 3, B])
+@pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
+def test_lstm_ctc_model_on_padded_batches(microbatch_size, clipping):
+    torch.manual_seed(0)
+    model = TinyLstmCtc().double()
+    x, _, _ = make_data(model.lstm, "unsorted")
+    lengths = torch.tensor(LENGTHS)
+    targets = torch.tensor([[1, 2, 0], [3, 0, 0], [1, 0, 0], [4, 4, 0], [2, 1, 3]])
+    target_lengths = torch.tensor([2, 1, 1, 1, 3])
+    target_lengths = torch.minimum(target_lengths, (lengths + 1) // 2)
+
+    def per_sample(net, s):
+        log_probs = net(x[s], lengths[s])
+        return nn.functional.ctc_loss(log_probs, targets[s], lengths[s], target_lengths[s], blank=0,
+                                      reduction="none", zero_infinity=True)
+
+    max_grad_norm = None if clipping == "adaptive" else 0.3
+    ref = reference_update(model, per_sample, B, microbatch_size, clipping=clipping, max_grad_norm=max_grad_norm)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=model, optimizer=optimizer, microbatch_size=microbatch_size, max_grad_norm=max_grad_norm,
+        clipping=clipping,
+    )
+    clipped.zero_grad()
+    per_sample(wrapped, slice(None)).mean().backward()
+    clipped.pre_step()
+    assert_close_update([p.grad for p in model.parameters()], ref.update)
+
+
+# -- the user's state_dict and numerics do not change ------------------------------------------------
+
+
+def test_state_dict_round_trip_and_unchanged_outputs():
+    torch.manual_seed(0)
+    model = TinyLstmCtc().double()
+    x, _, _ = make_data(model.lstm, "unsorted")
+    lengths = torch.tensor(LENGTHS)
+    before = model(x, lengths).detach()
+    saved = io.BytesIO()
+    torch.save(model.state_dict(), saved)
+    keys_before = list(model.state_dict())
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=model, optimizer=optimizer, microbatch_size=2, max_grad_norm=1.0
+    )
+    assert list(model.state_dict()) == keys_before
+    assert type(model.lstm) is nn.LSTM
+    assert torch.equal(wrapped(x, lengths).detach(), before)  # same numerics while wrapped
+    saved.seek(0)
+    model.load_state_dict(torch.load(saved))  # a model saved before wrapping loads after
+
+    clipped.zero_grad()
+    wrapped(x, lengths).sum().backward()
+    clipped.step()
+    after = io.BytesIO()
+    torch.save(model.state_dict(), after)
+    after.seek(0)
+    fresh = TinyLstmCtc().double()
+    fresh.load_state_dict(torch.load(after))  # and a model trained wrapped loads into a plain one
+    assert torch.equal(fresh(x, lengths), model(x, lengths))
+
+    copy_before = copy.deepcopy(model)
+    wrapped.remove_hooks()
+    assert "forward" not in model.lstm.__dict__  # the recording forward is gone with the hooks
+    assert torch.equal(model(x, lengths), copy_before(x, lengths))
+
+
+def test_unbatched_input_is_refused_with_a_clear_error():
+    torch.manual_seed(0)
+    rnn = nn.GRU(FEATURES, HIDDEN).double()
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = rnn
+
+        def forward(self, x):
+            return self.rnn(x[0])[0].sum(dim=-1)  # one unbatched sequence [T, F]
+
+    optimizer = torch.optim.SGD(rnn.parameters(), lr=0.1)
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=Model(), optimizer=optimizer, microbatch_size=1, max_grad_norm=1.0
+    )
+    from mbclip.errors import BatchError
+
+    with pytest.raises(BatchError, match="unbatched"):
+        wrapped(torch.randn(T, T, FEATURES, dtype=torch.float64)).mean().backward()
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_output_only_with_a_plain_sum_loss(kind):
+    """A batch_first output is a view, and ``.sum()`` sends back an expanded gradient: it must still arrive."""
+    torch.manual_seed(0)
+    rnn = RNN_FACTORIES[kind](batch_first=True).double()
+    x, _, _ = make_data(rnn, "")
+
+    def per_sample(net, s):
+        return net(x[s])[0].sum(dim=(1, 2))
+
+    ref = reference_update(rnn, per_sample, B, 2, max_grad_norm=0.5)
+    optimizer = torch.optim.SGD(rnn.parameters(), lr=0.1)
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=rnn, optimizer=optimizer, microbatch_size=2, max_grad_norm=0.5
+    )
+    clipped.zero_grad()
+    wrapped(x)[0].sum().div(B).backward()
+    clipped.pre_step()
+    assert_close_update([p.grad for p in rnn.parameters()], ref.update)

@@ -222,3 +222,27 @@ def test_fallback_dropout_masks_are_the_real_ones():
         start += size
     expected = sum(groups) / len(groups)
     torch.testing.assert_close(raw.scale.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+class SharedPositions(nn.Module):
+    """ESPnet-style: a Linear applied to a tensor shared by all samples, ``[1, L, d]``, plus raw biases."""
+
+    def __init__(self, dim, length):
+        super().__init__()
+        self.register_buffer("positions", torch.randn(1, length, dim))
+        self.linear_pos = nn.Linear(dim, dim, bias=False)
+        self.pos_bias = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):  # x [B, L, d]
+        return x * (self.linear_pos(self.positions) + self.pos_bias)
+
+
+@pytest.mark.parametrize("microbatch_size", [1, 2, 3])
+def test_shared_positional_tensor_is_not_read_as_a_batch(microbatch_size):
+    """[1, L, d] with L == B must not be taken for a batch on dim 1 (a split of a sum still adds up: silent)."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 4), SharedPositions(4, B), nn.Linear(4, 2))
+    losses = sequence_regression(lambda: torch.randn(B, B, 4), lambda: torch.randn(B, B, 2))
+    ref = reference_update(model, losses, B, microbatch_size, "fixed", 0.05)
+    update, _ = mbclip_update(model, losses, microbatch_size, "fixed", 0.05)
+    assert_close_update(update, ref.update)

@@ -23,7 +23,13 @@ MAX_BATCHED_ELEMENTS = 1 << 26
 
 
 def infer_batch_dim(shape: Sequence[int], batch_size: int, batch_first: bool) -> Optional[int]:
-    """The dimension of ``shape`` that holds the batch: 0 or 1, the model's ``batch_first`` breaking ties."""
+    """The dimension of ``shape`` that holds the batch: 0 or 1, the model's ``batch_first`` breaking ties.
+
+    A leading dimension of 1 in a batch of several samples marks a tensor broadcast over the batch (relative
+    positional encodings ``[1, 2T-1, d]``, say): it has no batch, whatever size its dim 1 happens to have.
+    """
+    if batch_size > 1 and len(shape) > 1 and shape[0] == 1:
+        return None
     candidates = [dim for dim in (0, 1) if dim < len(shape) and shape[dim] == batch_size]
     if not candidates:
         return None

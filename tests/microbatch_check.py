@@ -38,12 +38,17 @@ def check_update(
         return batch_losses(m)[samples]
 
     bound = {"max_grad_norm": 0.5} if clipping == "fixed" else {}
-    ref = reference_update(model, per_sample_losses or rows_of_batch, batch_size, microbatch_size,
-                           clipping=clipping, **bound)
+    ref = reference_update(
+        model, per_sample_losses or rows_of_batch, batch_size, microbatch_size, clipping=clipping, **bound
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model, optimizer=optimizer, microbatch_size=microbatch_size, clipping=clipping,
-        loss_reduction=loss_reduction, **bound
+        module=model,
+        optimizer=optimizer,
+        microbatch_size=microbatch_size,
+        clipping=clipping,
+        loss_reduction=loss_reduction,
+        **bound,
     )
     clipped.zero_grad()
     torch.manual_seed(seed)

@@ -13,14 +13,6 @@ B, T, S, E = 5, 4, 6, 8
 MICROBATCH_SIZES = [1, 2, 3, B]
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 class AttentionModel(nn.Module):
     """Batch-first data through one ``nn.MultiheadAttention`` (time-first inside when ``batch_first=False``)."""
 

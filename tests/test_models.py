@@ -22,14 +22,6 @@ B = len(LENGTHS)
 MICROBATCH_SIZES = [1, 2, 3, B]
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def speech_batch(lengths=LENGTHS, target_lengths=TARGET_LENGTHS):
     generator = torch.Generator().manual_seed(5)
     features = torch.randn(len(lengths), int(lengths.max()), FEATURES, generator=generator)

@@ -31,9 +31,7 @@ class SequenceModel(nn.Module):
         batch_first = self.rnn.batch_first
         inputs = x
         if self.packed:
-            inputs = pack_padded_sequence(
-                x, lengths, batch_first=batch_first, enforce_sorted=(self.packed == "sorted")
-            )
+            inputs = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=(self.packed == "sorted"))
         state = None
         if self.with_state:
             state = (h0, c0) if isinstance(self.rnn, nn.LSTM) else h0
@@ -63,8 +61,9 @@ def make_data(rnn: nn.RNNBase, packed: str):
     return x, h0, c0
 
 
-def check_exact(rnn: nn.RNNBase, microbatch_size: int, packed: str = "", with_state: bool = False,
-                clipping: str = "fixed") -> None:
+def check_exact(
+    rnn: nn.RNNBase, microbatch_size: int, packed: str = "", with_state: bool = False, clipping: str = "fixed"
+) -> None:
     model = SequenceModel(rnn.double(), packed, with_state)
     x, h0, c0 = make_data(rnn, packed)
     time_major = not rnn.batch_first
@@ -77,12 +76,22 @@ def check_exact(rnn: nn.RNNBase, microbatch_size: int, packed: str = "", with_st
     seed = 7
     torch.manual_seed(seed)
     max_grad_norm = None if clipping == "adaptive" else 0.5
-    ref = reference_update(model, lambda net, s: _seeded(seed, run, net, s, microbatch_size), B, microbatch_size,
-                           clipping=clipping, max_grad_norm=max_grad_norm)
+    ref = reference_update(
+        model,
+        lambda net, s: _seeded(seed, run, net, s, microbatch_size),
+        B,
+        microbatch_size,
+        clipping=clipping,
+        max_grad_norm=max_grad_norm,
+    )
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model, optimizer=optimizer, microbatch_size=microbatch_size, max_grad_norm=max_grad_norm,
-        clipping=clipping, batch_first=not time_major,
+        module=model,
+        optimizer=optimizer,
+        microbatch_size=microbatch_size,
+        max_grad_norm=max_grad_norm,
+        clipping=clipping,
+        batch_first=not time_major,
     )
     clipped.zero_grad()
     torch.manual_seed(seed)
@@ -173,8 +182,12 @@ class StackedReference(nn.Module):
         directions = 2 if rnn.bidirectional else 1
         for layer in range(rnn.num_layers):
             single = type(rnn)(
-                rnn.input_size if layer == 0 else rnn.hidden_size * directions, rnn.hidden_size, num_layers=1,
-                bias=rnn.bias, batch_first=False, bidirectional=rnn.bidirectional,
+                rnn.input_size if layer == 0 else rnn.hidden_size * directions,
+                rnn.hidden_size,
+                num_layers=1,
+                bias=rnn.bias,
+                batch_first=False,
+                bidirectional=rnn.bidirectional,
                 **({"nonlinearity": rnn.nonlinearity} if isinstance(rnn, nn.RNN) else {}),
             ).double()
             for name, _ in single.named_parameters():
@@ -267,14 +280,18 @@ def test_lstm_ctc_model_on_padded_batches(microbatch_size, clipping):
 
     def per_sample(net, s):
         log_probs = net(x[s], lengths[s])
-        return nn.functional.ctc_loss(log_probs, targets[s], lengths[s], target_lengths[s], blank=0,
-                                      reduction="none", zero_infinity=True)
+        return nn.functional.ctc_loss(
+            log_probs, targets[s], lengths[s], target_lengths[s], blank=0, reduction="none", zero_infinity=True
+        )
 
     max_grad_norm = None if clipping == "adaptive" else 0.3
     ref = reference_update(model, per_sample, B, microbatch_size, clipping=clipping, max_grad_norm=max_grad_norm)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model, optimizer=optimizer, microbatch_size=microbatch_size, max_grad_norm=max_grad_norm,
+        module=model,
+        optimizer=optimizer,
+        microbatch_size=microbatch_size,
+        max_grad_norm=max_grad_norm,
         clipping=clipping,
     )
     clipped.zero_grad()

@@ -39,16 +39,18 @@ def _hook_single(tensor: torch.Tensor, callback: GradsCallback) -> None:
     if not tensor._is_view():
         tensor.register_hook(lambda grad: callback([grad]))
         return
-    view_fired = [False]
+    # A count, not a flag: a nested autograd call inside the callback (the autograd fallback walks the
+    # layer's graph again) fires both hooks once more before the outer base hook runs.
+    view_deliveries = [0]
     replay = tensor._view_func
 
     def on_view(grad: torch.Tensor) -> None:
-        view_fired[0] = True
+        view_deliveries[0] += 1
         callback([grad])
 
     def on_base(grad: torch.Tensor) -> None:
-        if view_fired[0]:  # the view's own hook already delivered this backward's gradient
-            view_fired[0] = False
+        if view_deliveries[0]:  # the view's own hook already delivered this backward's gradient
+            view_deliveries[0] -= 1
             return
         callback([replay(grad)])
 

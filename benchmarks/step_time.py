@@ -132,7 +132,8 @@ def _dp_attention():
 
 
 def speech_batch(batch_size: int, seq_len: int, device) -> Batch:
-    return torch.randn(batch_size, seq_len, 80, device=device), torch.randint(0, 32, (batch_size, seq_len), device=device)
+    features = torch.randn(batch_size, seq_len, 80, device=device)
+    return features, torch.randint(0, 32, (batch_size, seq_len), device=device)
 
 
 def build_conformer() -> nn.Module:

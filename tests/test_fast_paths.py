@@ -110,3 +110,21 @@ def test_two_passes_before_one_step_match_reference():
     per_sample_losses(wrapped, slice(4, 7)).mean().backward()
     assert optimizer.pre_step()
     assert_close_update([p.grad for p in model.parameters()], reference.update)
+
+
+def test_nonfinite_microbatch_is_dropped_and_rest_matches_reference():
+    """With a non-finite micro-batch the update takes the unfused path: the others still match exactly."""
+    # No attention here: the autograd fallback's masking (0 * NaN) spreads a NaN to every micro-batch.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 5)).double()
+    inputs, targets = torch.randn(6, 5, 6, dtype=torch.float64), torch.randint(0, 5, (6, 5))
+    reference = reference_update(model, _frame_losses(inputs, targets), 4, 2, "fixed", 0.05)
+    inputs[5, 2, 1] = float("nan")
+    wrapped, optimizer, _ = MicroBatchClipping().make_clipped(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), microbatch_size=2, max_grad_norm=0.05
+    )
+    optimizer.zero_grad()
+    _frame_losses(inputs, targets)(wrapped, slice(None)).mean().backward()
+    assert optimizer.pre_step()
+    assert optimizer.last_step.dropped_microbatches == 1
+    assert_close_update([p.grad for p in model.parameters()], reference.update)

@@ -128,3 +128,28 @@ def test_nonfinite_microbatch_is_dropped_and_rest_matches_reference():
     assert optimizer.pre_step()
     assert optimizer.last_step.dropped_microbatches == 1
     assert_close_update([p.grad for p in model.parameters()], reference.update)
+
+
+class WeightAlsoUsedOutside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x) + x @ self.lin.weight.T  # the second use is invisible to the Linear's hooks
+
+
+def test_fused_verification_catches_a_missed_contribution():
+    from mbclip.errors import BatchError
+
+    torch.manual_seed(0)
+    model = WeightAlsoUsedOutside().double()
+    wrapped, optimizer, _ = MicroBatchClipping().make_clipped(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), microbatch_size=2, max_grad_norm=1.0
+    )
+    optimizer.zero_grad()
+    wrapped(torch.randn(6, 3, 4, dtype=torch.float64)).square().mean().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(BatchError, match="lin.weight"):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -95,6 +95,8 @@ class MicroBatchGradients:
     gradients: List[Optional[torch.Tensor]]  # per parameter, [M, *param.shape]; None: no micro-batch touched it
     microbatch_sizes: torch.Tensor  # [M], samples in each micro-batch
     layouts: List[MicroBatchLayout]  # one per pass that reached backward
+    # [M]: autograd's plain gradient (what loss.backward() left in p.grad) is sum_j to_plain[j] * gradients[j]
+    to_plain: Optional[torch.Tensor] = None
 
     @property
     def num_microbatches(self) -> int:
@@ -273,7 +275,8 @@ class MicroBatchGradSampleModule(GradSampleModule):
     ) -> None:
         if self._inside_fallback or not self.hooks_enabled:
             return
-        scale = call.layout.batch_size if self.loss_reduction == "mean" else 1
+        # Samplers get the loss's own output gradients; the 1/B of a mean loss is undone once per
+        # micro-batch in collect() (on [M, *p.shape]) instead of on every layer's output gradient here.
         grad_outputs: List[Optional[torch.Tensor]] = [None] * num_leaves
         for index, grad in zip(needs_grad, grads):
             if grad is not None:
@@ -281,7 +284,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
                     self.low_precision_seen.add(grad.dtype)
                     if layer.sampler is not None:
                         grad = grad.float()
-                grad_outputs[index] = grad.detach() * scale
+                grad_outputs[index] = grad.detach()
         if layer.sampler is not None:
             sums = layer.sampler.fn(module, call, grad_outputs)
         else:
@@ -312,6 +315,15 @@ class MicroBatchGradSampleModule(GradSampleModule):
         layouts = [MicroBatchLayout(self._pass_batch_sizes[k], self.microbatch_size) for k in passes]
         device = next((t.device for per_pass in self._sums.values() for t in per_pass.values()), None)
         sizes = torch.cat([layout.microbatch_sizes(device=device) for layout in layouts])
+        # The sums hold gradients of the loss as backward saw it; one factor per micro-batch turns them into
+        # micro-batch gradients: x B_k for a batch-mean loss, / (micro-batch size) for microbatch_reduction="mean".
+        loss_scale = torch.cat(
+            [
+                torch.full((layout.num_microbatches,), float(self._loss_scale(k)), device=device, dtype=sizes.dtype)
+                for k, layout in zip(passes, layouts)
+            ]
+        )
+        multipliers = loss_scale / sizes if self.microbatch_reduction == "mean" else loss_scale
         gradients: List[Optional[torch.Tensor]] = []
         for p in params:
             per_pass = self._sums.get(p)
@@ -324,11 +336,15 @@ class MicroBatchGradSampleModule(GradSampleModule):
                 for k, layout in zip(passes, layouts)
             ]
             sums = torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
-            if self.microbatch_reduction == "mean":
-                sums = sums / sizes.to(sums.dtype).reshape((-1,) + (1,) * p.dim())
+            if not bool((multipliers == 1).all()):
+                sums = sums * multipliers.to(sums.dtype).reshape((-1,) + (1,) * p.dim())
             gradients.append(sums)
             p.grad_sample = sums
-        return MicroBatchGradients(gradients, sizes, layouts)
+        return MicroBatchGradients(gradients, sizes, layouts, to_plain=1 / multipliers)
+
+    def _loss_scale(self, pass_index: int) -> int:
+        """What the per-pass sums are multiplied by to become sums of per-sample gradients."""
+        return self._pass_batch_sizes[pass_index] if self.loss_reduction == "mean" else 1
 
     def plain_gradient_of(self, p: nn.Parameter) -> Optional[torch.Tensor]:
         """The gradient autograd should hold for ``p``, rebuilt from the micro-batch sums (for checking)."""
@@ -344,10 +360,8 @@ class MicroBatchGradSampleModule(GradSampleModule):
         if not per_pass:
             return None
         total = None
-        for k, sums in per_pass.items():
+        for sums in per_pass.values():  # sums of the loss's gradients: they add up to p.grad as they are
             part = reduce(sums)
-            if self.loss_reduction == "mean":
-                part = part / self._pass_batch_sizes[k]
             total = part if total is None else total + part
         return total
 

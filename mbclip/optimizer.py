@@ -132,8 +132,6 @@ class MicroBatchOptimizer(DPOptimizer):
         if self._check_skip_next_step():
             self._is_last_step_skipped = True
             return False
-        if self.verify_gradients:
-            self._verify(collected)
         self._apply(collected)
         self._passes_in_last_step = len(collected.layouts)
         self.grad_module._reset_passes()
@@ -186,6 +184,11 @@ class MicroBatchOptimizer(DPOptimizer):
         norms = rules.total_norms(per_param_norms)
         finite = torch.isfinite(norms)
         num_dropped = int((~finite).sum())
+        # Verification rides on the update's own pass over the gradients when all are finite (see
+        # _weighted_sums); with non-finite micro-batches it runs alone, on what is finite.
+        fused_check = self.verify_gradients and num_dropped == 0 and collected.to_plain is not None
+        if self.verify_gradients and not fused_check:
+            self._verify(collected)
         if num_dropped and self.nonfinite == "raise":
             raise BatchError(
                 f"{num_dropped} of {norms.numel()} micro-batch gradients are not finite (NaN or Inf). "
@@ -201,11 +204,16 @@ class MicroBatchOptimizer(DPOptimizer):
         full_factors[kept] = factors
         normalizer = self._normalizer(len(collected.layouts), num_kept)
         applied = num_kept > 0
+        if fused_check:
+            summed_all = self._weighted_sums_checked(collected, present, factors, per_param_norms)
         if applied:
             for index, (p, g) in enumerate(present):
-                factor = factors if factors.dim() == 1 else factors[:, index]
-                gradient = g if num_kept == g.shape[0] else g[kept]
-                summed = torch.einsum("i,i...", factor.to(device=g.device, dtype=g.dtype), gradient)
+                if fused_check:
+                    summed = summed_all[index]
+                else:
+                    factor = factors if factors.dim() == 1 else factors[:, index]
+                    gradient = g if num_kept == g.shape[0] else g[kept]
+                    summed = torch.einsum("i,i...", factor.to(device=g.device, dtype=g.dtype), gradient)
                 if self.noise_multiplier > 0:
                     summed = summed + _generate_noise(
                         std=self.noise_multiplier * self.max_grad_norm,
@@ -250,6 +258,46 @@ class MicroBatchOptimizer(DPOptimizer):
             per_pass = math.ceil(self.expected_batch_size / self.grad_module.microbatch_size)
             return float(per_pass * num_passes)
         return float(max(num_kept, 1))
+
+    def _weighted_sums_checked(self, collected, present, factors, per_param_norms) -> List[torch.Tensor]:
+        """``sum_j factor_j g_j`` for every parameter, checked against autograd's ``p.grad`` in the same pass.
+
+        One matrix product per parameter, ``[2, M] @ [M, numel]``, gives both the clipped sum and the
+        plain gradient rebuilt from the micro-batches (``sum_j to_plain_j g_j``); the rounding bound of
+        the check is ``sum_j to_plain_j ||g_j||`` from the norms the clipping already computed. All
+        finite micro-batches only (the caller makes sure); raises before any ``p.grad`` is changed.
+        """
+        module = self.grad_module
+        present_ids = {id(p) for p, _ in present}
+        for p in self.params:  # parameters with a gradient mbclip could not split
+            if id(p) not in present_ids and p.grad is not None and p.grad.abs().max() > 0:
+                self._verify(collected)  # raises with the explanation
+        to_plain = collected.to_plain.to(per_param_norms.dtype)
+        bounds = (to_plain.unsqueeze(1) * per_param_norms).sum(dim=0)  # [P']
+        bounds = bounds + 1e-3 * bounds.norm()  # model-wide floor: a gradient cancelling to ~0 is rounding noise
+        summed_all, rebuilt_all, excess = [], [], []
+        for index, (p, g) in enumerate(present):
+            factor = factors if factors.dim() == 1 else factors[:, index]
+            weights = torch.stack([factor.to(g.dtype), collected.to_plain.to(device=g.device, dtype=g.dtype)])
+            both = torch.mm(weights, g.reshape(g.shape[0], -1))
+            summed_all.append(both[0].view_as(p))
+            rebuilt_all.append(both[1].view_as(p))
+            actual = p.grad
+            if actual is None:
+                continue
+            tolerance = self._check_tolerance(actual.dtype)
+            error = (both[1].view_as(p).to(actual.dtype) - actual).norm().to(bounds.dtype)
+            # > 0 only for a mismatch; NaN (non-finite p.grad) is not one, as before
+            excess.append((error - tolerance * bounds[index] - 1e-30).nan_to_num(nan=-1.0).reshape(1))
+        if excess and bool((torch.cat(excess) > 0).any()):  # one host sync for all parameters
+            for index, ((p, _), rebuilt) in enumerate(zip(present, rebuilt_all)):
+                actual = p.grad
+                if actual is None or not torch.isfinite(actual).all():
+                    continue
+                tolerance = self._check_tolerance(actual.dtype)
+                if (rebuilt.to(actual.dtype) - actual).norm() > tolerance * float(bounds[index]) + 1e-30:
+                    raise BatchError(self._mismatch_message(module.parameter_name(p)))
+        return summed_all
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -353,12 +401,15 @@ class MicroBatchOptimizer(DPOptimizer):
                 continue
             if actual is None or not (torch.isfinite(rebuilt).all() and torch.isfinite(actual).all()):
                 continue
-            # under autocast autograd's own gradient carries the rounding of the half dtype it ran in
-            tolerance = max(_CHECK_TOLERANCE.get(dtype, 1e-4) for dtype in {actual.dtype, *module.low_precision_seen})
+            tolerance = self._check_tolerance(actual.dtype)
             error = float((rebuilt.to(actual.dtype) - actual).norm())
             if error <= tolerance * (bounds[p] + floor) + 1e-30:
                 continue
             raise BatchError(self._mismatch_message(name))
+
+    def _check_tolerance(self, dtype: torch.dtype) -> float:
+        """Relative tolerance of the check; under autocast autograd's gradient carries the half dtype's rounding."""
+        return max(_CHECK_TOLERANCE.get(d, 1e-4) for d in {dtype, *self.grad_module.low_precision_seen})
 
     def _mismatch_message(self, name: str) -> str:
         message = f"the micro-batch gradients of '{name}' do not add up to the gradient autograd computed"

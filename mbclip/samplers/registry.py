@@ -5,8 +5,9 @@ Opacus's hook classes, and writing micro-batch samplers into it would change Opa
 in the process.
 
 A sampler answers one question for one forward call of one layer: the micro-batch SUMS of the
-per-sample gradients of the parameters it owns, each of shape ``[M, *param.shape]``. The grad
-module turns sums into means and the optimizer clips them.
+gradients (of the loss backward saw) of the parameters it owns, each of shape ``[M, *param.shape]``.
+The grad module rescales them into micro-batch gradients (undoing a batch mean's 1/B, dividing by
+the micro-batch size) and the optimizer clips them.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ class LayerCall:
 
 
 # sampler(module, call, grad_outputs) -> {param: micro-batch sums [M, *param.shape]}
-# grad_outputs: the gradient of the per-sample losses w.r.t. every flattened output leaf
-# (``None`` where a leaf got none); already rescaled when the loss is a batch mean.
+# grad_outputs: the gradient of the loss w.r.t. every flattened output leaf, as backward delivers it
+# (``None`` where a leaf got none). For a batch-mean loss it carries the 1/B, which the grad module
+# undoes on the returned sums (samplers are linear in grad_outputs, so nothing else changes).
 SamplerFn = Callable[[nn.Module, LayerCall, Sequence[Optional[torch.Tensor]]], Dict[nn.Parameter, torch.Tensor]]
 
 

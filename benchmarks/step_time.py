@@ -1,0 +1,496 @@
+"""Step time and peak memory of one training step: plain, Opacus, the naive loop and mbclip at each b.
+
+One process, interleaved repetitions (every method runs once per round, rounds repeated), so slow
+drifts of the machine hit every method alike. Prints the median step time, its ratio to the plain
+step of the same model, and the peak memory of one step above what was live before it.
+
+    python benchmarks/step_time.py                        # CPU, 2 threads, every model
+    python benchmarks/step_time.py --device cuda --threads 8
+    python benchmarks/step_time.py --models conformer,cnn --microbatch-sizes 1,8,32 --repeats 9
+
+Methods (all with noise 0, max_grad_norm 1, SGD):
+- plain:          the model with native torch layers, ``loss.mean().backward(); opt.step()``.
+- opacus:         Opacus per-sample clipping (``GradSampleModule`` + ``DPOptimizer``) on the Opacus
+                  counterpart of the model (``DPMultiheadAttention`` for attention, ``DPLSTM`` for the LSTM).
+- opacus_ghost:   Opacus ghost clipping (``GradSampleModuleFastGradientClipping``, two backward passes).
+- naive_b{b}:     a Python loop over micro-batches, each run alone through forward and backward, clipped, averaged.
+- mbclip_b{b}:    ``MicroBatchClipping().make_clipped(..., microbatch_size=b)`` with its defaults.
+
+Memory: on CUDA ``torch.cuda.max_memory_allocated`` during one step minus what was allocated before it;
+on CPU the peak of torch's CPU allocations during one step (from ``torch.profiler`` memory events,
+a separate untimed run), also above what was live before it. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ---------------------------------------------------------------------------------------------
+# Models: each one a ModelSpec; add or replace entries in MODELS to benchmark other models.
+# ---------------------------------------------------------------------------------------------
+
+Batch = Tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class ModelSpec:
+    """How to build a model, its Opacus counterpart, a batch, and per-sample losses."""
+
+    build: Callable[[], nn.Module]
+    build_opacus: Optional[Callable[[], nn.Module]]  # None: Opacus has no counterpart
+    make_batch: Callable[[int, int, torch.device], Batch]  # (batch_size, seq_len, device) -> (inputs, targets)
+    per_sample_losses: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # -> [B]
+    description: str
+
+
+def frame_losses(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean over frames of a frame-wise cross entropy: logits ``[B, T, C]``, targets ``[B, T]``."""
+    logits = model(inputs)
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return losses.reshape(targets.shape).mean(dim=1)
+
+
+def class_losses(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(inputs), targets, reduction="none")
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, dim))
+
+
+class ConvModule(nn.Module):
+    """Conformer convolution module: pointwise + GLU, depthwise Conv1d, LayerNorm, SiLU, pointwise."""
+
+    def __init__(self, dim: int, kernel_size: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.pointwise_in = nn.Linear(dim, 2 * dim)
+        self.depthwise = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.conv_norm = nn.LayerNorm(dim)
+        self.pointwise_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
+        y = F.glu(self.pointwise_in(self.norm(x)), dim=-1)
+        y = self.depthwise(y.transpose(1, 2)).transpose(1, 2)
+        return self.pointwise_out(F.silu(self.conv_norm(y)))
+
+
+class ConformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, kernel_size: int, attention_cls):
+        super().__init__()
+        self.ff1 = FeedForward(dim, 4 * dim)
+        self.attn_norm = nn.LayerNorm(dim)
+        self.attn = attention_cls(dim, heads, batch_first=True)
+        self.conv = ConvModule(dim, kernel_size)
+        self.ff2 = FeedForward(dim, 4 * dim)
+        self.out_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + 0.5 * self.ff1(x)
+        y = self.attn_norm(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        x = x + self.conv(x)
+        x = x + 0.5 * self.ff2(x)
+        return self.out_norm(x)
+
+
+class ConformerStandIn(nn.Module):
+    """A compact conformer-like encoder (stand-in until ``mbclip.models.ConformerEncoder``): [B, T, F] -> [B, T, C]."""
+
+    def __init__(self, features=80, dim=144, heads=4, blocks=2, kernel_size=15, classes=32, attention_cls=None):
+        super().__init__()
+        attention_cls = attention_cls or nn.MultiheadAttention
+        self.input_proj = nn.Linear(features, dim)
+        self.blocks = nn.ModuleList(ConformerBlock(dim, heads, kernel_size, attention_cls) for _ in range(blocks))
+        self.classifier = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_proj(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.classifier(x)
+
+
+def _dp_attention():
+    # DPMultiheadAttention(batch_first=True) gives other outputs than nn.MultiheadAttention with >1 head
+    # (Opacus #774); it is used here only as Opacus's compute-equivalent counterpart for timing.
+    from opacus.layers import DPMultiheadAttention
+
+    return DPMultiheadAttention
+
+
+def speech_batch(batch_size: int, seq_len: int, device) -> Batch:
+    features = torch.randn(batch_size, seq_len, 80, device=device)
+    return features, torch.randint(0, 32, (batch_size, seq_len), device=device)
+
+
+def build_conformer() -> nn.Module:
+    """``mbclip.models.ConformerEncoder`` when it exists (small config), else the stand-in above."""
+    try:
+        from mbclip.models import ConformerEncoder  # noqa: F401  (lands from another branch)
+    except ImportError:
+        return ConformerStandIn()
+    return ConformerStandIn()  # TODO(lead): construct ConformerEncoder with its small config once merged
+
+
+class LSTMEncoder(nn.Module):
+    def __init__(self, lstm_cls=nn.LSTM, features=80, hidden=256, layers=2, classes=32):
+        super().__init__()
+        self.lstm = lstm_cls(features, hidden, num_layers=layers, batch_first=True)
+        self.classifier = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.lstm(x)[0])
+
+
+def _dp_lstm_encoder() -> nn.Module:
+    from opacus.layers import DPLSTM
+
+    return LSTMEncoder(lstm_cls=DPLSTM)
+
+
+VOCAB = 1000
+
+
+class TransformerLM(nn.Module):
+    """Embedding + causal ``nn.TransformerEncoder`` + Linear head: tokens [B, T] -> logits [B, T, V]."""
+
+    def __init__(self, dim=128, heads=4, layers=2, vocab=VOCAB, layer_factory=None):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(512, dim)
+        if layer_factory is None:
+            layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        else:
+            self.encoder = nn.Sequential(*(layer_factory(dim, heads) for _ in range(layers)))
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.embed(tokens) + self.pos(positions.unsqueeze(0).expand_as(tokens))
+        mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], device=tokens.device)
+        if isinstance(self.encoder, nn.TransformerEncoder):
+            x = self.encoder(x, mask=mask, is_causal=True)
+        else:
+            for layer in self.encoder:
+                x = layer(x, mask)
+        return self.head(x)
+
+
+class OpacusEncoderLayer(nn.Module):
+    """Post-norm encoder layer like ``nn.TransformerEncoderLayer``, from layers Opacus accepts."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.attn = _dp_attention()(dim, heads, batch_first=True)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim))
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # No causal mask: DPMultiheadAttention(batch_first=True) rejects a [T, T] mask; the mask costs ~nothing.
+        x = self.norm1(x + self.attn(x, x, x, need_weights=False)[0])
+        return self.norm2(x + self.ff(x))
+
+
+def lm_batch(batch_size: int, seq_len: int, device) -> Batch:
+    tokens = torch.randint(0, VOCAB, (batch_size, seq_len + 1), device=device)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+class SmallCNN(nn.Sequential):
+    def __init__(self, classes: int = 10):
+        super().__init__(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.GroupNorm(8, 32),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes),
+        )  # fmt: skip
+
+
+def image_batch(batch_size: int, seq_len: int, device) -> Batch:
+    return torch.randn(batch_size, 3, 32, 32, device=device), torch.randint(0, 10, (batch_size,), device=device)
+
+
+MODELS: Dict[str, ModelSpec] = {
+    "conformer": ModelSpec(
+        build_conformer,
+        lambda: ConformerStandIn(attention_cls=_dp_attention()),
+        speech_batch,
+        frame_losses,
+        "conformer-like encoder, d=144, 4 heads, 2 blocks, depthwise conv k=15, 80 features",
+    ),
+    "lstm": ModelSpec(LSTMEncoder, _dp_lstm_encoder, speech_batch, frame_losses, "nn.LSTM 2x256 + Linear"),
+    "transformer": ModelSpec(
+        TransformerLM,
+        lambda: TransformerLM(layer_factory=OpacusEncoderLayer),
+        lm_batch,
+        frame_losses,
+        "causal LM: Embedding 1000x128 + 2 nn.TransformerEncoderLayer (4 heads) + Linear",
+    ),
+    "cnn": ModelSpec(SmallCNN, SmallCNN, image_batch, class_losses, "3 Conv2d + GroupNorm + Linear, 3x32x32 images"),
+}
+
+# ---------------------------------------------------------------------------------------------
+# Methods: each one a prepared step function, or the reason it cannot run.
+# ---------------------------------------------------------------------------------------------
+
+MAX_GRAD_NORM = 1.0
+LR = 1e-3
+
+Step = Callable[[], None]
+
+
+def plain_step(spec: ModelSpec, model: nn.Module, batch: Batch) -> Step:
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        spec.per_sample_losses(model, *batch).mean().backward()
+        optimizer.step()
+
+    return step
+
+
+def opacus_step(spec: ModelSpec, model: nn.Module, batch: Batch) -> Step:
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    wrapped = GradSampleModule(model)
+    optimizer = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=LR),
+        noise_multiplier=0.0,
+        max_grad_norm=MAX_GRAD_NORM,
+        expected_batch_size=batch[0].shape[0],
+    )
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        spec.per_sample_losses(wrapped, *batch).mean().backward()
+        optimizer.step()
+
+    return step
+
+
+def opacus_ghost_step(spec: ModelSpec, model: nn.Module, batch: Batch) -> Step:
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+    wrapped = GradSampleModuleFastGradientClipping(model, max_grad_norm=MAX_GRAD_NORM, use_ghost_clipping=True)
+    optimizer = DPOptimizerFastGradientClipping(
+        torch.optim.SGD(model.parameters(), lr=LR),
+        noise_multiplier=0.0,
+        max_grad_norm=MAX_GRAD_NORM,
+        expected_batch_size=batch[0].shape[0],
+    )
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        losses = spec.per_sample_losses(wrapped, *batch)
+        DPTensorFastGradientClipping(wrapped, optimizer, losses, "mean").backward()
+        optimizer.step()
+
+    return step
+
+
+def naive_step(spec: ModelSpec, model: nn.Module, batch: Batch, microbatch_size: int) -> Step:
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    params = [p for p in model.parameters() if p.requires_grad]
+    inputs, targets = batch
+
+    def step():
+        total = [torch.zeros_like(p) for p in params]
+        starts = range(0, inputs.shape[0], microbatch_size)
+        for start in starts:
+            chunk = slice(start, start + microbatch_size)
+            grads = torch.autograd.grad(spec.per_sample_losses(model, inputs[chunk], targets[chunk]).mean(), params)
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            factor = (MAX_GRAD_NORM / (norm + 1e-6)).clamp(max=1.0)
+            for t, g in zip(total, grads):
+                t.add_(g * factor)
+        for p, t in zip(params, total):
+            p.grad = t / len(starts)
+        optimizer.step()
+
+    return step
+
+
+def mbclip_step(spec: ModelSpec, model: nn.Module, batch: Batch, microbatch_size: int) -> Step:
+    from mbclip import MicroBatchClipping
+
+    wrapped, optimizer, _ = MicroBatchClipping().make_clipped(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+        microbatch_size=microbatch_size,
+        max_grad_norm=MAX_GRAD_NORM,
+    )
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        spec.per_sample_losses(wrapped, *batch).mean().backward()
+        optimizer.step()
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step: Step, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def peak_memory(step: Step, device: torch.device) -> float:
+    """Peak bytes allocated by one step above what was live before it."""
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device) - before)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return float(peak)
+
+
+@dataclass
+class Result:
+    times: List[float]
+    memory: Optional[float] = None
+    error: Optional[str] = None
+
+
+def prepare_methods(spec: ModelSpec, microbatch_sizes: List[int], batch: Batch, device) -> Dict[str, object]:
+    """Every method's step function (or the reason it cannot run), each on its own copy of one model."""
+    torch.manual_seed(0)
+    base = spec.build().to(device)
+    methods: Dict[str, object] = {}
+
+    def add(name: str, make: Callable[[], Step]) -> None:
+        try:
+            step = make()
+            step()  # warm-up, and the first place an unsupported model fails
+            methods[name] = step
+        except Exception as error:  # noqa: BLE001  (any failure is reported as n/a with its reason)
+            methods[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+
+    add("plain", lambda: plain_step(spec, copy.deepcopy(base), batch))
+    if spec.build_opacus is None:
+        methods["opacus"] = methods["opacus_ghost"] = "no Opacus counterpart"
+    else:
+        add("opacus", lambda: opacus_step(spec, spec.build_opacus().to(device), batch))
+        add("opacus_ghost", lambda: opacus_ghost_step(spec, spec.build_opacus().to(device), batch))
+    for b in microbatch_sizes:
+        add(f"naive_b{b}", lambda b=b: naive_step(spec, copy.deepcopy(base), batch, b))
+    for b in microbatch_sizes:
+        add(f"mbclip_b{b}", lambda b=b: mbclip_step(spec, copy.deepcopy(base), batch, b))
+    return methods
+
+
+def run_model(name: str, spec: ModelSpec, args, device) -> Dict[str, Result]:
+    torch.manual_seed(1)
+    batch = spec.make_batch(args.batch_size, args.seq_len, device)
+    methods = prepare_methods(spec, args.microbatch_sizes, batch, device)
+    results = {m: Result([], error=s if isinstance(s, str) else None) for m, s in methods.items()}
+    runnable = [(m, s) for m, s in methods.items() if not isinstance(s, str)]
+    for _ in range(args.repeats):  # interleaved: one round runs every method once
+        for method, step in runnable:
+            try:
+                results[method].times.append(timed(step, device))
+            except Exception as error:  # noqa: BLE001
+                results[method].error = f"{type(error).__name__}: {error}"
+    if not args.no_memory:
+        for method, step in runnable:
+            if results[method].error is None:
+                results[method].memory = peak_memory(step, device)
+    return results
+
+
+def print_table(name: str, spec: ModelSpec, results: Dict[str, Result], args) -> None:
+    print(f"\n## {name}: {spec.description} (B={args.batch_size}, T={args.seq_len})")
+    plain = results["plain"]
+    plain_time = statistics.median(plain.times) if plain.times and plain.error is None else None
+    plain_mem = plain.memory
+    print(f"| {'method':<14} | {'median ms':>9} | {'x plain':>7} | {'peak MiB':>8} | {'x plain':>7} |")
+    print(f"|{'-' * 16}|{'-' * 11}:|{'-' * 8}:|{'-' * 9}:|{'-' * 8}:|")
+    for method, result in results.items():
+        if result.error is not None or not result.times:
+            print(f"| {method:<14} | {'n/a':>9} | {'':>7} | {'':>8} | {'':>7} |  {result.error}")
+            continue
+        median = statistics.median(result.times)
+        ratio = f"{median / plain_time:.2f}" if plain_time else ""
+        mem = f"{result.memory / 2**20:.1f}" if result.memory is not None else ""
+        mem_ratio = f"{result.memory / plain_mem:.2f}" if result.memory is not None and plain_mem else ""
+        print(f"| {method:<14} | {median * 1e3:>9.1f} | {ratio:>7} | {mem:>8} | {mem_ratio:>7} |")
+    sys.stdout.flush()
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {','.join(MODELS)}")
+    parser.add_argument("--microbatch-sizes", default="1,2,4,8,16,32")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=64, help="frames or tokens per sample (not used by cnn)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up step each)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory runs")
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks of methods that fail")
+    args = parser.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.microbatch_sizes = [int(b) for b in args.microbatch_sizes.split(",") if b.strip()]
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
+    print(f"# step time: torch {torch.__version__}, {where}, repeats={args.repeats}, noise 0, C={MAX_GRAD_NORM}")
+    for name in args.models:
+        try:
+            results = run_model(name, MODELS[name], args, device)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            continue
+        print_table(name, MODELS[name], results, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -107,7 +107,10 @@ class ConformerBlock(nn.Module):
 
 
 class ConformerStandIn(nn.Module):
-    """A compact conformer-like encoder (stand-in until ``mbclip.models.ConformerEncoder``): [B, T, F] -> [B, T, C]."""
+    """A compact conformer-like encoder with ``nn.MultiheadAttention``: [B, T, F] -> [B, T, C].
+
+    Unlike :class:`ConformerFrames` it has a like-for-like Opacus counterpart (``DPMultiheadAttention``).
+    """
 
     def __init__(self, features=80, dim=144, heads=4, blocks=2, kernel_size=15, classes=32, attention_cls=None):
         super().__init__()
@@ -136,13 +139,28 @@ def speech_batch(batch_size: int, seq_len: int, device) -> Batch:
     return features, torch.randint(0, 32, (batch_size, seq_len), device=device)
 
 
-def build_conformer() -> nn.Module:
-    """``mbclip.models.ConformerEncoder`` when it exists (small config), else the stand-in above."""
-    try:
-        from mbclip.models import ConformerEncoder  # noqa: F401  (lands from another branch)
-    except ImportError:
-        return ConformerStandIn()
-    return ConformerStandIn()  # TODO(lead): construct ConformerEncoder with its small config once merged
+class ConformerFrames(nn.Module):
+    """``mbclip.models.ConformerEncoder`` (rel-pos attention, time / 4) + frame classifier: [B, T, F] -> [B, T', C]."""
+
+    def __init__(self, features=80, dim=144, heads=4, blocks=2, classes=32):
+        super().__init__()
+        from mbclip.models import ConformerEncoder
+
+        self.encoder = ConformerEncoder(num_features=features, d_model=dim, num_heads=heads, num_blocks=blocks)
+        self.classifier = nn.Linear(dim, classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        lengths = torch.full((features.shape[0],), features.shape[1], device=features.device)
+        encoded, _ = self.encoder(features, lengths)
+        return self.classifier(encoded)
+
+
+def subsampled_frame_losses(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """:func:`frame_losses` with the targets cut to the model's subsampled length."""
+    logits = model(inputs)
+    targets = targets[:, : logits.shape[1]]
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return losses.reshape(targets.shape).mean(dim=1)
 
 
 class LSTMEncoder(nn.Module):
@@ -227,11 +245,18 @@ def image_batch(batch_size: int, seq_len: int, device) -> Batch:
 
 MODELS: Dict[str, ModelSpec] = {
     "conformer": ModelSpec(
-        build_conformer,
+        ConformerFrames,
+        ConformerFrames,
+        speech_batch,
+        subsampled_frame_losses,
+        "mbclip.models.ConformerEncoder (Conv2d subsampling /4, rel-pos MHSA), d=144, 4 heads, 2 blocks, 80 features",
+    ),
+    "conformer_mha": ModelSpec(
+        ConformerStandIn,
         lambda: ConformerStandIn(attention_cls=_dp_attention()),
         speech_batch,
         frame_losses,
-        "conformer-like encoder, d=144, 4 heads, 2 blocks, depthwise conv k=15, 80 features",
+        "conformer-like encoder with nn.MultiheadAttention, d=144, 4 heads, 2 blocks, depthwise conv k=15",
     ),
     "lstm": ModelSpec(LSTMEncoder, _dp_lstm_encoder, speech_batch, frame_losses, "nn.LSTM 2x256 + Linear"),
     "transformer": ModelSpec(

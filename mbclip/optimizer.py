@@ -133,10 +133,6 @@ class MicroBatchOptimizer(DPOptimizer):
             self._is_last_step_skipped = True
             return False
         self._apply(collected)
-        self._passes_in_last_step = len(collected.layouts)
-        self.grad_module._reset_passes()
-        self._grads_replaced = True
-        self._is_last_step_skipped = False
         if not self.last_step.applied:
             warnings.warn(
                 f"all {self.last_step.num_microbatches} micro-batch gradients of this step are not finite (NaN or "
@@ -145,6 +141,14 @@ class MicroBatchOptimizer(DPOptimizer):
                 NonFiniteGradientWarning,
                 stacklevel=3,
             )
+        return self._finish_step(len(collected.layouts))
+
+    def _finish_step(self, num_passes: int) -> bool:
+        """Close the step: forget its passes, remember that ``p.grad`` now holds the update, tell the accountant."""
+        self._passes_in_last_step = num_passes
+        self.grad_module._reset_passes()
+        self._grads_replaced = True
+        self._is_last_step_skipped = False
         if self.last_step.applied and self.step_hook:
             self.step_hook(self)
         return self.last_step.applied
@@ -169,13 +173,7 @@ class MicroBatchOptimizer(DPOptimizer):
             p.grad = (noise / normalizer).to(p.dtype)
         self.last_step.applied = True
         self.last_step.noise_std = float(std / normalizer)
-        self._passes_in_last_step = num_passes
-        self.grad_module._reset_passes()
-        self._grads_replaced = True
-        self._is_last_step_skipped = False
-        if self.step_hook:
-            self.step_hook(self)
-        return True
+        return self._finish_step(num_passes)
 
     def _apply(self, collected: MicroBatchGradients) -> None:
         params = self.params

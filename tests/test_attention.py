@@ -176,3 +176,17 @@ def test_single_transformer_layer_time_first(clipping):
             return self.layer(x.transpose(0, 1)).pow(2).sum(dim=(0, 2))
 
     check_update(Model(), lambda m: m(x), B, 2, clipping)
+
+
+@pytest.mark.parametrize("b", [1, 2, B])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_plain_attention_takes_the_one_backward_fast_path(monkeypatch, b, batch_first, need_weights):
+    """Without dropout a plain attention layer never walks its graph once per micro-batch, and stays exact."""
+    import mbclip.samplers.attention as attention_sampler
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the batched autograd path was taken")
+
+    monkeypatch.setattr(attention_sampler, "autograd_microbatch_sums", refuse)
+    check_attention(b, batch_first=batch_first, need_weights=need_weights, inputs=attention_inputs(padding=True))

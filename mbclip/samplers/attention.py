@@ -7,16 +7,28 @@ the ``out_proj`` Linear that the layer uses without calling it. What this sample
 fallback is the batch dimension of each output, read from the layer's own ``batch_first`` instead of
 guessed from shapes: a time-first attention inside a batch-first model with ``T == B`` is otherwise
 ambiguous.
+
+Fast path, when attention dropout is off and the layer is plain (``kdim == vdim == embed_dim``, no
+``bias_k``/``bias_v``, no zero attention): the projected q, k, v are recomputed as leaves and the layer is
+re-run once with identity projections (multiplying by an identity matrix is exact), so one backward of the
+whole batch gives every sample's dQ, dK, dV; the projection gradients are then grouped contractions,
+as for a Linear. One attention backward instead of one per micro-batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from typing import Dict, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
+from mbclip.output_hooks import suspended
 from mbclip.samplers.autograd_fallback import autograd_microbatch_sums
+from mbclip.samplers.linear import grouped_rows
 from mbclip.samplers.registry import LayerCall, register_microbatch_sampler
 
 
@@ -32,5 +44,63 @@ def _output_batch_dims(module: nn.MultiheadAttention, call: LayerCall) -> List[O
 def multihead_attention_sampler(
     module: nn.MultiheadAttention, call: LayerCall, grad_outputs: Sequence[Optional[torch.Tensor]]
 ) -> Dict[nn.Parameter, torch.Tensor]:
+    if _has_fast_path(module, call):
+        return _projection_sums(module, call, grad_outputs)
     params = [p for p in module.parameters() if p.requires_grad]
     return autograd_microbatch_sums(module, call, grad_outputs, params, _output_batch_dims(module, call))
+
+
+def _has_fast_path(module: nn.MultiheadAttention, call: LayerCall) -> bool:
+    no_dropout = module.dropout == 0.0 or not module.training
+    plain = module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn
+    return no_dropout and plain and isinstance(call.input, torch.Tensor) and call.input.dim() == 3
+
+
+def _projection_sums(
+    module: nn.MultiheadAttention, call: LayerCall, grad_outputs: Sequence[Optional[torch.Tensor]]
+) -> Dict[nn.Parameter, torch.Tensor]:
+    """Micro-batch sums for the in/out projections from one re-run of the attention core."""
+    bound = inspect.signature(module.forward).bind(*call.args, **call.kwargs)
+    arguments = dict(bound.arguments)
+    grad_output = grad_outputs[0]
+    dtype = grad_output.dtype if grad_output is not None else call.input.dtype
+    inputs = [arguments.pop(name).to(dtype) for name in ("query", "key", "value")]
+    embed = module.embed_dim
+    weights = module.in_proj_weight.to(dtype).split(embed)
+    biases = module.in_proj_bias.to(dtype).split(embed) if module.in_proj_bias is not None else (None,) * 3
+    identity = torch.eye(embed, dtype=dtype, device=call.input.device)
+    overrides = {"in_proj_weight": identity.repeat(3, 1), "out_proj.weight": identity}
+    if module.in_proj_bias is not None:
+        overrides["in_proj_bias"] = torch.zeros(3 * embed, dtype=dtype, device=identity.device)
+    if module.out_proj.bias is not None:
+        overrides["out_proj.bias"] = torch.zeros(embed, dtype=dtype, device=identity.device)
+    with torch.enable_grad(), suspended():
+        projected = [F.linear(x, w, b).detach().requires_grad_() for x, w, b in zip(inputs, weights, biases)]
+        context, attention = functional_call(module, overrides, tuple(projected), arguments)
+        d_output = grad_output if grad_output is not None else torch.zeros_like(context)
+        d_context = d_output @ module.out_proj.weight.to(dtype)
+        outputs, grads = [context], [d_context]
+        if len(grad_outputs) > 1 and grad_outputs[1] is not None and attention is not None:
+            outputs.append(attention)
+            grads.append(grad_outputs[1])
+        d_projected = torch.autograd.grad(outputs, projected, grads, allow_unused=True)
+    batch_dim = 0 if module.batch_first else 1
+    rows = dataclasses.replace(call, batch_dim=batch_dim)
+    in_weight, in_bias = [], []
+    for x, d, p in zip(inputs, d_projected, projected):
+        d = torch.zeros_like(p) if d is None else d
+        grouped_d = grouped_rows(d, rows)
+        in_weight.append(torch.bmm(grouped_d.transpose(1, 2), grouped_rows(x, rows)))
+        in_bias.append(grouped_d.sum(dim=1))
+    grouped_out = grouped_rows(d_output, rows)
+    result = {}
+    candidates = [
+        (module.in_proj_weight, lambda: torch.cat(in_weight, dim=1)),
+        (module.in_proj_bias, lambda: torch.cat(in_bias, dim=1)),
+        (module.out_proj.weight, lambda: torch.bmm(grouped_out.transpose(1, 2), grouped_rows(context.detach(), rows))),
+        (module.out_proj.bias, lambda: grouped_out.sum(dim=1)),
+    ]
+    for param, compute in candidates:
+        if param is not None and param.requires_grad:
+            result[param] = compute()
+    return result

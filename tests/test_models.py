@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mbclip.grad_module import MicroBatchGradSampleModule
-from mbclip.models import LSTMCTC, ConformerCTC, rel_shift
-from mbclip.models.conformer import relative_positional_encoding
+from mbclip.models import LSTMCTC, ConformerCTC, RelPositionMultiHeadAttention, rel_shift
+from mbclip.models.conformer import padding_mask, relative_positional_encoding
 from microbatch_check import check_update
 
 FEATURES, VOCAB = 12, 7
@@ -91,11 +92,11 @@ def test_conformer_output_shapes_and_padding_invariance():
     torch.testing.assert_close(log_probs[1, :3], alone[0, :3], rtol=1e-12, atol=1e-12)
 
 
-def test_attention_claims_raw_biases_and_linear_pos():
+def test_attention_has_its_own_sampler_for_raw_biases_and_linear_pos():
     wrapped = MicroBatchGradSampleModule(small_conformer(), microbatch_size=2)
     layers = dict(wrapped.hooked_layers())
-    assert layers["encoder.blocks.0.attention"] == "autograd fallback"
-    assert layers["encoder.blocks.0.attention.linear_pos"] == "linear_sampler"
+    assert layers["encoder.blocks.0.attention"] == "relpos_attention_sampler"
+    assert "encoder.blocks.0.attention.linear_pos" not in layers  # the sampler owns the subtree
 
 
 @pytest.mark.parametrize("b", MICROBATCH_SIZES)
@@ -139,3 +140,34 @@ def test_lstm_ctc_packed_bidirectional(b):
 def test_bidirectional_lstm_needs_packing():
     with pytest.raises(ValueError, match="packed=True"):
         LSTMCTC(bidirectional=True)
+
+
+class RelPosAttentionModel(nn.Module):
+    """The conformer's attention alone, called with ``pad`` as a keyword, on padded inputs."""
+
+    def __init__(self, dropout: float):
+        super().__init__()
+        self.attention = RelPositionMultiHeadAttention(8, 2, dropout=dropout)
+
+    def forward(self, x, pad):
+        pos_emb = relative_positional_encoding(x.shape[1], 8, dtype=x.dtype)
+        return self.attention(x, pos_emb, pad=pad)
+
+
+@pytest.mark.parametrize("b", [1, 2, 5])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_relpos_attention_sampler(monkeypatch, b, dropout):
+    """Exact with and without attention dropout; without it, the batched autograd path is never taken."""
+    import mbclip.models.relpos_sampler as sampler
+
+    if dropout == 0.0:
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("the batched autograd path was taken")
+
+        monkeypatch.setattr(sampler, "autograd_microbatch_sums", refuse)
+    torch.manual_seed(4)
+    x = torch.randn(5, 6, 8)
+    pad = padding_mask(torch.tensor([6, 4, 5, 6, 2]), 6)
+    weights = torch.randn(5, 6, 8)
+    check_update(RelPosAttentionModel(dropout), lambda m: (m(x, pad) * weights).sum(dim=(1, 2)), 5, b)

@@ -183,7 +183,6 @@ class MicroBatchGradSampleModule(GradSampleModule):
         self._current_pass: Optional[int] = None
         self._sums: Dict[nn.Parameter, Dict[int, torch.Tensor]] = {}
         self._claimed: Dict[nn.Parameter, int] = {}
-        self._inside_fallback = False
         self.low_precision_seen: set = set()  # half dtypes of output gradients since the last step (autocast)
 
     def current_layout(self) -> Optional[MicroBatchLayout]:
@@ -223,7 +222,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
     # -- forward: keep each call's inputs, hook its outputs ------------------------------------
 
     def _on_forward(self, module: nn.Module, args, kwargs, output, *, layer: HookedLayer) -> None:
-        if self._current_pass is None or self._inside_fallback:
+        if self._current_pass is None:
             return
         batch_size = self._pass_batch_sizes[self._current_pass]
         leaves, _ = tree_flatten(output)
@@ -273,7 +272,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         num_leaves: int,
         grads: Sequence[Optional[torch.Tensor]],
     ) -> None:
-        if self._inside_fallback or not self.hooks_enabled:
+        if not self.hooks_enabled:
             return
         # Samplers get the loss's own output gradients; the 1/B of a mean loss is undone once per
         # micro-batch in collect() (on [M, *p.shape]) instead of on every layer's output gradient here.
@@ -287,12 +286,8 @@ class MicroBatchGradSampleModule(GradSampleModule):
                 grad_outputs[index] = grad.detach()
         if layer.sampler is not None:
             sums = layer.sampler.fn(module, call, grad_outputs)
-        else:
-            self._inside_fallback = True
-            try:
-                sums = autograd_microbatch_sums(module, call, grad_outputs, params)
-            finally:
-                self._inside_fallback = False
+        else:  # its nested autograd call runs with every output hook suspended (output_hooks.suspended)
+            sums = autograd_microbatch_sums(module, call, grad_outputs, params)
         for param, microbatch_sums in sums.items():
             if microbatch_sums is None:
                 continue

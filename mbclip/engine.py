@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from mbclip.clipping import CLIPPING_MODES
 from mbclip.errors import ConfigurationError, PrivacyError
 from mbclip.grad_module import LOSS_REDUCTIONS, MICROBATCH_REDUCTIONS, MicroBatchGradSampleModule, plan_hooks
-from mbclip.optimizer import NONFINITE_POLICIES, MicroBatchOptimizer
+from mbclip.optimizer import NONFINITE_POLICIES, MicroBatchOptimizer, verify_mode
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
 STATE_FORMAT = 1
@@ -79,7 +79,7 @@ class MicroBatchClipping:
         batch_first: bool = True,
         poisson_sampling: Optional[bool] = None,
         nonfinite: str = "skip",
-        verify_gradients: bool = True,
+        verify_gradients: Union[bool, str] = "first",
         noise_generator: Optional[torch.Generator] = None,
     ) -> Tuple[MicroBatchGradSampleModule, MicroBatchOptimizer, Optional[DataLoader]]:
         """Return ``(module, optimizer, data_loader)`` ready for an unchanged training loop.
@@ -88,7 +88,9 @@ class MicroBatchClipping:
         ``data_loader`` is returned as it is (same batches, same order). ``max_grad_norm`` is C for
         "fixed", ignored by "adaptive" (which must not be given one), and for "per_layer" either one
         bound per optimized parameter or one number used for every parameter.
-        ``verify_gradients`` checks at every step that the micro-batch gradients add up to autograd's.
+        ``verify_gradients``: when to check that the micro-batch gradients add up to the gradient autograd
+        computes beside them: ``"first"`` step only (later steps skip autograd's duplicate weight gradients),
+        ``"always"`` (``True``), or ``"never"`` (``False``).
         """
         poisson = self._validate(
             module=module,
@@ -238,7 +240,7 @@ class MicroBatchClipping:
         poisson_sampling,
         nonfinite,
         batch_first=True,
-        verify_gradients=True,
+        verify_gradients="first",
         noise_generator=None,
     ) -> bool:
         """Raise a ``ConfigurationError`` (or ``UnsupportedModuleError``) for any bad input; return Poisson on/off."""
@@ -261,9 +263,9 @@ class MicroBatchClipping:
         _check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
         _check_choice("microbatch_reduction", microbatch_reduction, MICROBATCH_REDUCTIONS)
         _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
-        for name, flag in (("batch_first", batch_first), ("verify_gradients", verify_gradients)):
-            if not isinstance(flag, bool):
-                raise ConfigurationError(f"{name}={flag!r} must be True or False.")
+        if not isinstance(batch_first, bool):
+            raise ConfigurationError(f"batch_first={batch_first!r} must be True or False.")
+        verify_mode(verify_gradients)
         if noise_generator is not None and not isinstance(noise_generator, torch.Generator):
             raise ConfigurationError(
                 f"noise_generator must be a torch.Generator or None, got {type(noise_generator).__name__}."

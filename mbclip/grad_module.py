@@ -5,7 +5,11 @@ forward hook on every hooked layer keeps the call's inputs and hangs a hook on t
 tensors; when their gradient arrives in ``backward`` the layer's sampler (or the autograd fallback)
 turns it into micro-batch sums of per-sample gradients, added up per parameter and per pass.
 The optimizer then asks :meth:`collect` for the micro-batch gradients of every pass since the last
-step and checks them against the plain gradient autograd computed beside them.
+step and, on checked steps, checks them against the plain gradient autograd computed beside them.
+
+On unchecked steps (``check_gradients = False``) autograd is spared the weight gradients that a
+sampler computes anyway: a layer's parameters stop requiring grad for the duration of its forward,
+so backward computes only the input gradients plus, once, the sampler's micro-batch sums.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from opacus.grad_sample import GradSampleModule
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from mbclip.errors import BatchError, ConfigurationError, UnsupportedModuleError
 from mbclip.layers.batchnorm import check_batchnorms, swap_in_batchnorms, swap_out_batchnorms
@@ -76,8 +80,25 @@ def plan_hooks(model: nn.Module) -> List[HookedLayer]:
     return plan
 
 
+class _Tap(torch.autograd.Function):
+    """Identity that makes its outputs require grad, so that a layer whose parameters are switched off
+    and whose input needs no gradient (the first layer) still receives its output gradient."""
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, *tensors: torch.Tensor):
+        return tuple(t.detach() for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *grads)
+
+
 def _detach(tree):
     return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
+
+
+def _is_float_tensor(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
 def _first_tensor(args: Sequence, kwargs: Dict) -> Optional[object]:
@@ -131,6 +152,10 @@ class MicroBatchGradSampleModule(GradSampleModule):
         self.microbatch_reduction = microbatch_reduction
         super().__init__(module, batch_first=batch_first, loss_reduction=loss_reduction, strict=False)
         self._param_names = {p: name for name, p in module.named_parameters()}
+        # True: autograd computes every p.grad too and the optimizer checks the micro-batch gradients against
+        # them; False: samplers alone compute their layers' gradients (set by the optimizer, step by step).
+        self.check_gradients = True
+        self._anchors: Dict[torch.device, torch.Tensor] = {}
         self._reset_passes()
         # Last: BatchNorm normalises per micro-batch while wrapped; remove_hooks swaps the classes back.
         self._swapped_batchnorms = swap_in_batchnorms(module, self.current_layout)
@@ -147,6 +172,9 @@ class MicroBatchGradSampleModule(GradSampleModule):
             raise ConfigurationError("this model already carries per-sample gradient hooks; wrap the original model.")
         handles = []
         for layer in self._plan:
+            if layer.sampler is not None:
+                before = partial(self._before_forward, layer=layer)
+                handles.append(layer.module.register_forward_pre_hook(before, with_kwargs=True))
             hook = partial(self._on_forward, layer=layer)
             handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
             if layer.sampler is not None and layer.sampler.forward is not None:
@@ -184,6 +212,10 @@ class MicroBatchGradSampleModule(GradSampleModule):
         self._sums: Dict[nn.Parameter, Dict[int, torch.Tensor]] = {}
         self._claimed: Dict[nn.Parameter, int] = {}
         self.low_precision_seen: set = set()  # half dtypes of output gradients since the last step (autocast)
+        self._switched_off: List[List[nn.Parameter]] = []  # per open sampled call: parameters made grad-free
+        # parameters whose gradients since the last step came from samplers alone, each with its p.grad (and
+        # that tensor's version) when first switched off: autograd must not have touched it by the step
+        self.grad_snapshots: Dict[nn.Parameter, Tuple[Optional[torch.Tensor], int]] = {}
 
     def current_layout(self) -> Optional[MicroBatchLayout]:
         """The micro-batch layout of the pass being recorded now; ``None`` outside a recorded forward."""
@@ -206,6 +238,9 @@ class MicroBatchGradSampleModule(GradSampleModule):
             return self._module(*args, **kwargs)
         finally:
             self._current_pass = None
+            while self._switched_off:  # a forward that raised: give every parameter its requires_grad back
+                for p in self._switched_off.pop():
+                    p.requires_grad_(True)
 
     def _batch_size_of(self, args: Sequence, kwargs: Dict) -> int:
         first = _first_tensor(args, kwargs)
@@ -221,26 +256,65 @@ class MicroBatchGradSampleModule(GradSampleModule):
 
     # -- forward: keep each call's inputs, hook its outputs ------------------------------------
 
-    def _on_forward(self, module: nn.Module, args, kwargs, output, *, layer: HookedLayer) -> None:
-        if self._current_pass is None:
-            return
+    def _call_batch_dim(self, layer: HookedLayer, args, kwargs) -> Tuple[bool, Optional[int]]:
+        """``(batched, batch_dim)`` of a call: ``batched`` is False for a sampled layer called on a tensor
+        without the batch (a projection of positional encodings shared by all samples, say), whose
+        per-sample gradients live in the enclosing layer."""
         batch_size = self._pass_batch_sizes[self._current_pass]
-        leaves, _ = tree_flatten(output)
-        needs_grad = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
-        if batch_size == 0 or not needs_grad:
-            return
         sampler = layer.sampler
         first = _first_tensor(args, kwargs)
-        batch_dim = None
-        if isinstance(first, torch.Tensor) and first.dim() > 0:
-            if sampler is not None and sampler.batch_dim is not None:
-                batch_dim = sampler.batch_dim if first.shape[sampler.batch_dim] == batch_size else None
-            else:
-                batch_dim = infer_batch_dim(first.shape, batch_size, self.batch_first)
-            if batch_dim is None and sampler is not None:
-                # A call on a tensor without the batch (e.g. a projection of positional encodings shared by
-                # all samples): its per-sample gradients live in the enclosing layer, which claims them.
-                return
+        if not (isinstance(first, torch.Tensor) and first.dim() > 0):
+            return True, None
+        if sampler is not None and sampler.batch_dim is not None:
+            batch_dim = sampler.batch_dim if first.shape[sampler.batch_dim] == batch_size else None
+        else:
+            batch_dim = infer_batch_dim(first.shape, batch_size, self.batch_first)
+        return not (batch_dim is None and sampler is not None), batch_dim
+
+    def _before_forward(self, module: nn.Module, args, kwargs, *, layer: HookedLayer) -> None:
+        """On unchecked steps, switch off autograd's gradients of parameters the sampler computes alone."""
+        if self._current_pass is None:
+            return
+        switched: List[nn.Parameter] = []
+        if (
+            not self.check_gradients
+            and self._pass_batch_sizes[self._current_pass] > 0
+            and self._call_batch_dim(layer, args, kwargs)[0]
+            and not (layer.sampler.needs_autograd is not None and layer.sampler.needs_autograd(module, args, kwargs))
+        ):
+            switched = trainable(module)
+            for p in switched:
+                p.requires_grad_(False)
+        self._switched_off.append(switched)
+
+    def _on_forward(self, module: nn.Module, args, kwargs, output, *, layer: HookedLayer):
+        if self._current_pass is None:
+            return None
+        switched = self._switched_off.pop() if layer.sampler is not None else []
+        for p in switched:
+            p.requires_grad_(True)
+        batch_size = self._pass_batch_sizes[self._current_pass]
+        leaves, spec = tree_flatten(output)
+        hooked_leaves = leaves
+        if switched:  # outputs that needed no grad only because the parameters were off: tap them
+            untapped = [i for i, t in enumerate(leaves) if _is_float_tensor(t) and not t.requires_grad]
+            if untapped:
+                tapped = _Tap.apply(self._anchor(leaves[untapped[0]]), *[leaves[i] for i in untapped])
+                hooked_leaves = list(leaves)
+                for i, t in zip(untapped, tapped):
+                    hooked_leaves[i] = t
+                output = tree_unflatten(hooked_leaves, spec)
+            for p in switched:
+                if p not in self.grad_snapshots:
+                    self.grad_snapshots[p] = (p.grad, p.grad._version if p.grad is not None else 0)
+        replaced = output if hooked_leaves is not leaves else None  # what the forward hook returns
+        needs_grad = [i for i, t in enumerate(hooked_leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if batch_size == 0 or not needs_grad:
+            return replaced
+        sampler = layer.sampler
+        batched, batch_dim = self._call_batch_dim(layer, args, kwargs)
+        if not batched:
+            return replaced
         if sampler is not None:
             params = trainable(module)
         else:
@@ -258,7 +332,15 @@ class MicroBatchGradSampleModule(GradSampleModule):
             outputs=leaves if (sampler is None or sampler.keep_outputs) else (),
         )
         on_grads = partial(self._on_output_grads, module, layer, call, params, needs_grad, len(leaves))
-        on_output_gradients([leaves[i] for i in needs_grad], on_grads)
+        on_output_gradients([hooked_leaves[i] for i in needs_grad], on_grads)
+        return replaced
+
+    def _anchor(self, like: torch.Tensor) -> torch.Tensor:
+        """A scalar leaf that requires grad, on ``like``'s device: what makes tapped outputs require grad."""
+        anchor = self._anchors.get(like.device)
+        if anchor is None:
+            anchor = self._anchors[like.device] = torch.zeros((), device=like.device, requires_grad=True)
+        return anchor
 
     # -- backward: micro-batch sums per parameter and pass -------------------------------------
 

@@ -23,6 +23,8 @@ from mbclip.errors import BatchError, ConfigurationError, NonFiniteGradientWarni
 from mbclip.grad_module import MicroBatchGradients, MicroBatchGradSampleModule
 
 NONFINITE_POLICIES = ("skip", "raise")
+# When the micro-batch gradients are checked against autograd's: on the first step, every step, or never.
+VERIFY_MODES = ("first", "always", "never")
 STATE_KEY = "mbclip"  # the optimizer's state_dict is the user's optimizer's, plus mbclip's settings under this key
 STATE_FORMAT = 1
 
@@ -74,14 +76,16 @@ class MicroBatchOptimizer(DPOptimizer):
         noise_multiplier: float = 0.0,
         expected_batch_size: Optional[int] = None,
         nonfinite: str = "skip",
-        verify_gradients: bool = True,
+        verify_gradients: Union[bool, str] = "first",
         generator: Optional[torch.Generator] = None,
         secure_mode: bool = False,
     ):
         self.grad_module = grad_module
         self.clipping = clipping
         self.nonfinite = nonfinite
-        self.verify_gradients = verify_gradients
+        self.verify_gradients = verify_mode(verify_gradients)
+        # the grad module reads this at each forward: on checked steps autograd computes every p.grad as well
+        grad_module.check_gradients = self.verify_gradients != "never"
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if clipping == "per_layer":
             bounds = [float(max_grad_norm)] * len(params) if _is_number(max_grad_norm) else list(max_grad_norm)
@@ -183,10 +187,14 @@ class MicroBatchOptimizer(DPOptimizer):
         finite = torch.isfinite(norms)
         num_dropped = int((~finite).sum())
         # Verification rides on the update's own pass over the gradients when all are finite (see
-        # _weighted_sums); with non-finite micro-batches it runs alone, on what is finite.
-        fused_check = self.verify_gradients and num_dropped == 0 and collected.to_plain is not None
-        if self.verify_gradients and not fused_check:
+        # _weighted_sums); with non-finite micro-batches it runs alone, on what is finite. Unchecked steps
+        # (autograd computed no weight gradient beside the samplers) only make sure none went unsplit.
+        checking = self.grad_module.check_gradients
+        fused_check = checking and num_dropped == 0 and collected.to_plain is not None
+        if checking and not fused_check:
             self._verify(collected)
+        if not checking:
+            self._check_nothing_unsplit(present)
         if num_dropped and self.nonfinite == "raise":
             raise BatchError(
                 f"{num_dropped} of {norms.numel()} micro-batch gradients are not finite (NaN or Inf). "
@@ -204,6 +212,8 @@ class MicroBatchOptimizer(DPOptimizer):
         applied = num_kept > 0
         if fused_check:
             summed_all = self._weighted_sums_checked(collected, present, factors, per_param_norms)
+        if checking and self.verify_gradients == "first":
+            self.grad_module.check_gradients = False  # checked once: from now on samplers alone compute them
         if applied:
             for index, (p, g) in enumerate(present):
                 if fused_check:
@@ -296,6 +306,24 @@ class MicroBatchOptimizer(DPOptimizer):
                 if (rebuilt.to(actual.dtype) - actual).norm() > tolerance * float(bounds[index]) + 1e-30:
                     raise BatchError(self._mismatch_message(module.parameter_name(p)))
         return summed_all
+
+    def _check_nothing_unsplit(self, present) -> None:
+        """On an unchecked step: autograd must have left no gradient that the micro-batch gradients miss.
+
+        Parameters the samplers computed alone must still hold the ``p.grad`` they had at the forward;
+        any other parameter without micro-batch gradients must have none from autograd either.
+        """
+        present_ids = {id(p) for p, _ in present}
+        snapshots = self.grad_module.grad_snapshots
+        for p in self.params:
+            grad = p.grad
+            if p in snapshots:
+                before, version = snapshots[p]
+                if grad is None or (grad is before and grad._version == version):
+                    continue
+            elif id(p) in present_ids or grad is None or not bool(grad.abs().max() > 0):
+                continue
+            raise BatchError(self._unsplit_message(self.grad_module.parameter_name(p)))
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -390,12 +418,7 @@ class MicroBatchOptimizer(DPOptimizer):
             name = module.parameter_name(p)
             if rebuilt is None:
                 if actual is not None and actual.abs().max() > 0:
-                    raise BatchError(
-                        f"parameter '{name}' received a gradient that mbclip could not split into micro-batches: it "
-                        "is used outside the forward of the layer that owns it (a tied or functional use, or a layer "
-                        "called on a tensor without the batch dimension and no enclosing layer with parameters). "
-                        "Use the layer through its forward, or register a sampler for the module that uses it."
-                    )
+                    raise BatchError(self._unsplit_message(name))
                 continue
             if actual is None or not (torch.isfinite(rebuilt).all() and torch.isfinite(actual).all()):
                 continue
@@ -404,6 +427,15 @@ class MicroBatchOptimizer(DPOptimizer):
             if error <= tolerance * (bounds[p] + floor) + 1e-30:
                 continue
             raise BatchError(self._mismatch_message(name))
+
+    @staticmethod
+    def _unsplit_message(name: str) -> str:
+        return (
+            f"parameter '{name}' received a gradient that mbclip could not split into micro-batches: it "
+            "is used outside the forward of the layer that owns it (a tied or functional use, or a layer "
+            "called on a tensor without the batch dimension and no enclosing layer with parameters). "
+            "Use the layer through its forward, or register a sampler for the module that uses it."
+        )
 
     def _check_tolerance(self, dtype: torch.dtype) -> float:
         """Relative tolerance of the check; under autocast autograd's gradient carries the half dtype's rounding."""
@@ -418,6 +450,19 @@ class MicroBatchOptimizer(DPOptimizer):
             "per-sample terms), or uses "
             "the parameter outside its forward. Fix the model, or register a sampler for the layer."
         )
+
+
+def verify_mode(verify_gradients: Union[bool, str]) -> str:
+    """``"first"``, ``"always"`` or ``"never"`` (``True`` means ``"always"``, ``False`` ``"never"``)."""
+    if verify_gradients is True:
+        return "always"
+    if verify_gradients is False:
+        return "never"
+    if not isinstance(verify_gradients, str) or verify_gradients not in VERIFY_MODES:
+        raise ConfigurationError(
+            f"verify_gradients={verify_gradients!r}: use one of {VERIFY_MODES}, or True ('always') / False ('never')."
+        )
+    return verify_gradients
 
 
 def _is_number(value) -> bool:

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from helpers import on_both_paths
 from mbclip.engine import MicroBatchClipping
 from reference import PerSampleLosses, assert_close_update, reference_update
 
@@ -41,18 +42,24 @@ def check_update(
     ref = reference_update(
         model, per_sample_losses or rows_of_batch, batch_size, microbatch_size, clipping=clipping, **bound
     )
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model,
-        optimizer=optimizer,
-        microbatch_size=microbatch_size,
-        clipping=clipping,
-        loss_reduction=loss_reduction,
-        **bound,
-    )
-    clipped.zero_grad()
-    torch.manual_seed(seed)
-    loss = training_loss(wrapped) if training_loss is not None else batch_losses(wrapped).mean()
-    loss.backward()
-    clipped.pre_step()
-    assert_close_update([p.grad for p in model.parameters()], ref.update)
+
+    def run(verify_gradients: str):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+            module=model,
+            optimizer=optimizer,
+            microbatch_size=microbatch_size,
+            clipping=clipping,
+            loss_reduction=loss_reduction,
+            verify_gradients=verify_gradients,
+            **bound,
+        )
+        clipped.zero_grad()
+        torch.manual_seed(seed)
+        loss = training_loss(wrapped) if training_loss is not None else batch_losses(wrapped).mean()
+        loss.backward()
+        clipped.pre_step()
+        return [None if p.grad is None else p.grad.clone() for p in model.parameters()], clipped
+
+    update, _ = on_both_paths(model, run)
+    assert_close_update(update, ref.update)

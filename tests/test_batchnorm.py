@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import on_both_paths
 from mbclip import BatchError, ConfigurationError, MicroBatchClipping, UnsupportedModuleError
 from mbclip.layers import MicroBatchBatchNorm2d
 from reference import assert_close_update, reference_update
@@ -65,7 +66,7 @@ def losses_fn(model: nn.Module):
     return per_sample_losses
 
 
-def wrap(model: nn.Module, microbatch_size: int, clipping: str = "fixed", max_grad_norm=0.3):
+def wrap(model: nn.Module, microbatch_size: int, clipping: str = "fixed", max_grad_norm=0.3, verify="first"):
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     return MicroBatchClipping().make_clipped(
         module=model,
@@ -73,15 +74,20 @@ def wrap(model: nn.Module, microbatch_size: int, clipping: str = "fixed", max_gr
         microbatch_size=microbatch_size,
         max_grad_norm=max_grad_norm if clipping != "adaptive" else None,
         clipping=clipping,
+        verify_gradients=verify,
     )
 
 
 def clipped_update(model: nn.Module, per_sample_losses, microbatch_size: int, clipping: str):
-    wrapped, optimizer, _ = wrap(model, microbatch_size, clipping)
-    optimizer.zero_grad()
-    per_sample_losses(wrapped, slice(None)).mean().backward()
-    assert optimizer.pre_step()
-    return [p.grad.clone() for p in model.parameters() if p.requires_grad], wrapped
+    def run(verify_gradients: str):
+        wrapped, optimizer, _ = wrap(model, microbatch_size, clipping, verify=verify_gradients)
+        optimizer.zero_grad()
+        per_sample_losses(wrapped, slice(None)).mean().backward()
+        assert optimizer.pre_step()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad], optimizer
+
+    update, optimizer = on_both_paths(model, run)
+    return update, optimizer.grad_module
 
 
 @pytest.mark.parametrize("make_model", [cnn, sequence_model], ids=["cnn", "conv1d"])

@@ -163,11 +163,11 @@ def test_no_epsilon_without_proof():
         engine.get_epsilon(1e-5)
 
 
-def test_uncleared_gradients_are_named():
+def test_uncleared_gradients_are_named_on_checked_steps():
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model, optimizer=optimizer, microbatch_size=2, max_grad_norm=1.0
+        module=model, optimizer=optimizer, microbatch_size=2, max_grad_norm=1.0, verify_gradients="always"
     )
     x = torch.randn(4, 4)
     wrapped(x).sum().backward()
@@ -177,7 +177,35 @@ def test_uncleared_gradients_are_named():
         clipped.step()
 
 
-def test_parameter_used_outside_its_layer_is_named():
+def test_uncleared_gradients_are_harmless_on_unchecked_steps():
+    """After the first (checked) step autograd leaves p.grad alone, so a missing zero_grad changes nothing."""
+    x = torch.randn(4, 4)
+    updates = []
+    for clear in (True, False):
+        torch.manual_seed(0)
+        model = _model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+            module=model, optimizer=optimizer, microbatch_size=2, max_grad_norm=1.0
+        )
+        wrapped(x).sum().backward()
+        clipped.step()
+        if clear:
+            clipped.zero_grad()
+        wrapped(x).sum().backward()
+        clipped.step()
+        updates.append([p.grad.clone() for p in model.parameters()])
+    for cleared, uncleared in zip(*updates):
+        torch.testing.assert_close(cleared, uncleared, rtol=0, atol=0)
+
+
+def test_verify_gradients_must_be_known():
+    _refused("verify_gradients='sometimes': use one of .*'first', 'always', 'never'", verify_gradients="sometimes")
+    _refused("verify_gradients=1", verify_gradients=1)
+
+
+@pytest.mark.parametrize("verify", ["first", "never"])
+def test_parameter_used_outside_its_layer_is_named(verify):
     class Tied(nn.Module):
         def __init__(self):
             super().__init__()
@@ -197,8 +225,10 @@ def test_parameter_used_outside_its_layer_is_named():
     model = Outer()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model, optimizer=optimizer, microbatch_size=2, max_grad_norm=1.0
+        module=model, optimizer=optimizer, microbatch_size=2, max_grad_norm=1.0, verify_gradients=verify
     )
     wrapped(torch.randn(4, 4)).pow(2).mean().backward()
-    with pytest.raises(MbclipError, match="'tied.inner.weight' do not add up"):
+    # checked step: the sum is off; unchecked step: autograd computed a gradient that the samplers did not
+    match = "'tied.inner.weight' do not add up" if verify == "first" else "'tied.inner.weight' received a gradient"
+    with pytest.raises(MbclipError, match=match):
         clipped.step()

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import on_both_paths
 from mbclip import MicroBatchClipping
-from tests.reference import assert_close_update, reference_update
+from reference import assert_close_update, reference_update
 
 
 class TinyConformerBlock(nn.Module):
@@ -82,19 +83,25 @@ def test_model_matches_reference(case, microbatch_size, loss_reduction, microbat
     reference = reference_update(
         model, per_sample_losses, batch_size, microbatch_size, "fixed", 0.05, microbatch_reduction
     )
-    wrapped, optimizer, _ = MicroBatchClipping().make_clipped(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        microbatch_size=microbatch_size,
-        max_grad_norm=0.05,
-        loss_reduction=loss_reduction,
-        microbatch_reduction=microbatch_reduction,
-    )
-    optimizer.zero_grad()
-    losses = per_sample_losses(wrapped, slice(None))
-    (losses.mean() if loss_reduction == "mean" else losses.sum()).backward()
-    assert optimizer.pre_step()
-    assert_close_update([p.grad for p in model.parameters()], reference.update)
+
+    def run(verify_gradients: str):
+        wrapped, optimizer, _ = MicroBatchClipping().make_clipped(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            microbatch_size=microbatch_size,
+            max_grad_norm=0.05,
+            loss_reduction=loss_reduction,
+            microbatch_reduction=microbatch_reduction,
+            verify_gradients=verify_gradients,
+        )
+        optimizer.zero_grad()
+        losses = per_sample_losses(wrapped, slice(None))
+        (losses.mean() if loss_reduction == "mean" else losses.sum()).backward()
+        assert optimizer.pre_step()
+        return [p.grad.clone() for p in model.parameters()], optimizer
+
+    update, optimizer = on_both_paths(model, run)
+    assert_close_update(update, reference.update)
     torch.testing.assert_close(optimizer.last_step.microbatch_norms, reference.norms, rtol=1e-10, atol=0)
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import on_both_paths
 from mbclip import MicroBatchClipping
 from reference import assert_close_update, reference_update
 
@@ -66,20 +67,25 @@ def ctc_per_sample(reduction: str):
 
 def clipped_ctc_update(m: nn.Module, criterion: nn.Module, reduction: str, microbatch_size: int, clipping: str):
     x, targets = batch()
-    optimizer = torch.optim.SGD(m.parameters(), lr=1.0)
-    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=m,
-        optimizer=optimizer,
-        microbatch_size=microbatch_size,
-        max_grad_norm=0.5 if clipping == "fixed" else None,
-        clipping=clipping,
-        loss_reduction=reduction,
-    )
-    clipped.zero_grad()
-    log_probs = wrapped(x, LENGTHS).transpose(0, 1)  # CTC wants [T, B, V]
-    criterion(log_probs, targets, LENGTHS, TARGET_LENGTHS).backward()
-    assert clipped.pre_step()
-    return [p.grad.clone() for p in m.parameters()]
+
+    def run(verify_gradients: str):
+        optimizer = torch.optim.SGD(m.parameters(), lr=1.0)
+        wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+            module=m,
+            optimizer=optimizer,
+            microbatch_size=microbatch_size,
+            max_grad_norm=0.5 if clipping == "fixed" else None,
+            clipping=clipping,
+            loss_reduction=reduction,
+            verify_gradients=verify_gradients,
+        )
+        clipped.zero_grad()
+        log_probs = wrapped(x, LENGTHS).transpose(0, 1)  # CTC wants [T, B, V]
+        criterion(log_probs, targets, LENGTHS, TARGET_LENGTHS).backward()
+        assert clipped.pre_step()
+        return [p.grad.clone() for p in m.parameters()], clipped
+
+    return on_both_paths(m, run)[0]
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

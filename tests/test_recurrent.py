@@ -10,9 +10,10 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from helpers import on_both_paths
 from mbclip.engine import MicroBatchClipping
 from mbclip.samplers.recurrent import RECORD_ATTRIBUTE
-from tests.reference import assert_close_update, reference_update
+from reference import assert_close_update, reference_update
 
 B, T, FEATURES, HIDDEN = 5, 4, 3, 4
 LENGTHS = [3, 4, 1, 2, 4]  # unsorted on purpose
@@ -84,20 +85,26 @@ def check_exact(
         clipping=clipping,
         max_grad_norm=max_grad_norm,
     )
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model,
-        optimizer=optimizer,
-        microbatch_size=microbatch_size,
-        max_grad_norm=max_grad_norm,
-        clipping=clipping,
-        batch_first=not time_major,
-    )
-    clipped.zero_grad()
-    torch.manual_seed(seed)
-    run(wrapped, slice(None)).mean().backward()
-    clipped.pre_step()
-    assert_close_update([p.grad for p in model.parameters() if p.requires_grad], ref.update)
+
+    def clipped_update(verify_gradients: str):
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+            module=model,
+            optimizer=optimizer,
+            microbatch_size=microbatch_size,
+            max_grad_norm=max_grad_norm,
+            clipping=clipping,
+            batch_first=not time_major,
+            verify_gradients=verify_gradients,
+        )
+        clipped.zero_grad()
+        torch.manual_seed(seed)
+        run(wrapped, slice(None)).mean().backward()
+        clipped.pre_step()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad], clipped
+
+    update, _ = on_both_paths(model, clipped_update)
+    assert_close_update(update, ref.update)
 
 
 def _seeded(seed, run, net, samples, microbatch_size):

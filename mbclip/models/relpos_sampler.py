@@ -24,11 +24,18 @@ from mbclip.samplers.linear import grouped_rows
 from mbclip.samplers.registry import LayerCall, register_microbatch_sampler
 
 
-@register_microbatch_sampler(RelPositionMultiHeadAttention, batch_dim=0, keep_outputs=True)
+def _uses_dropout(module: RelPositionMultiHeadAttention, args=(), kwargs=None) -> bool:
+    """With attention dropout the exact path is batched autograd through the recorded graph."""
+    return module.training and module.dropout.p > 0
+
+
+@register_microbatch_sampler(
+    RelPositionMultiHeadAttention, batch_dim=0, keep_outputs=True, needs_autograd=_uses_dropout
+)
 def relpos_attention_sampler(
     module: RelPositionMultiHeadAttention, call: LayerCall, grad_outputs: Sequence[Optional[torch.Tensor]]
 ) -> Dict[nn.Parameter, torch.Tensor]:
-    if module.training and module.dropout.p > 0:
+    if _uses_dropout(module):
         params = [p for p in module.parameters() if p.requires_grad]
         return autograd_microbatch_sums(module, call, grad_outputs, params, [0])
     names = ("x", "pos_emb", "pad")

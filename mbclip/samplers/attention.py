@@ -40,7 +40,12 @@ def _output_batch_dims(module: nn.MultiheadAttention, call: LayerCall) -> List[O
     return dims[: len(call.outputs)]
 
 
-@register_microbatch_sampler(nn.MultiheadAttention, keep_outputs=True)
+def _needs_autograd(module: nn.MultiheadAttention, args, kwargs) -> bool:
+    query = args[0] if args else kwargs.get("query")
+    return not _plain_and_deterministic(module) or not (isinstance(query, torch.Tensor) and query.dim() == 3)
+
+
+@register_microbatch_sampler(nn.MultiheadAttention, keep_outputs=True, needs_autograd=_needs_autograd)
 def multihead_attention_sampler(
     module: nn.MultiheadAttention, call: LayerCall, grad_outputs: Sequence[Optional[torch.Tensor]]
 ) -> Dict[nn.Parameter, torch.Tensor]:
@@ -50,10 +55,14 @@ def multihead_attention_sampler(
     return autograd_microbatch_sums(module, call, grad_outputs, params, _output_batch_dims(module, call))
 
 
-def _has_fast_path(module: nn.MultiheadAttention, call: LayerCall) -> bool:
+def _plain_and_deterministic(module: nn.MultiheadAttention) -> bool:
     no_dropout = module.dropout == 0.0 or not module.training
     plain = module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn
-    return no_dropout and plain and isinstance(call.input, torch.Tensor) and call.input.dim() == 3
+    return no_dropout and plain
+
+
+def _has_fast_path(module: nn.MultiheadAttention, call: LayerCall) -> bool:
+    return _plain_and_deterministic(module) and isinstance(call.input, torch.Tensor) and call.input.dim() == 3
 
 
 def _projection_sums(

@@ -63,6 +63,10 @@ class MicroBatchSampler:
     layer's subtree: mbclip does not hook the layer's children. ``forward``: an instance-level
     forward (same numerics, records what the sampler needs) installed on each sampled layer while
     it is wrapped, removed by ``remove_hooks``; its class and ``state_dict`` are untouched.
+    ``needs_autograd(module, args, kwargs)``: ``True`` when the sampler will differentiate this call
+    through its recorded graph with respect to the layer's parameters (the batched autograd path).
+    Otherwise, on unchecked steps, autograd is spared the layer's parameter gradients altogether:
+    the sampler's micro-batch sums are the only ones computed.
     """
 
     fn: SamplerFn
@@ -70,6 +74,7 @@ class MicroBatchSampler:
     keep_outputs: bool = False
     check: Optional[Callable[[nn.Module], Optional[str]]] = None
     forward: Optional[Callable[..., Any]] = None
+    needs_autograd: Optional[Callable[[nn.Module, Tuple[Any, ...], Dict[str, Any]], bool]] = None
 
 
 MICROBATCH_SAMPLERS: Dict[Type[nn.Module], MicroBatchSampler] = {}
@@ -84,16 +89,21 @@ def register_microbatch_sampler(
     keep_outputs: bool = False,
     check: Optional[Callable[[nn.Module], Optional[str]]] = None,
     forward: Optional[Callable[..., Any]] = None,
+    needs_autograd: Optional[Callable[[nn.Module, Tuple[Any, ...], Dict[str, Any]], bool]] = None,
 ) -> Callable[[SamplerFn], SamplerFn]:
     """Decorator: register ``fn`` as the micro-batch sampler of ``module_types`` (exact types).
 
     ``check(module)`` may return why a particular instance cannot be sampled (shown at wrap time).
     ``forward(module, *args, **kwargs)`` replaces the layer's forward while it is wrapped.
+    ``needs_autograd(module, args, kwargs)`` says when ``fn`` uses autograd through the layer's own
+    parameters (see :class:`MicroBatchSampler`); leave it ``None`` when ``fn`` never does.
     """
 
     def decorator(fn: SamplerFn) -> SamplerFn:
         for module_type in module_types:
-            MICROBATCH_SAMPLERS[module_type] = MicroBatchSampler(fn, batch_dim, keep_outputs, check, forward)
+            MICROBATCH_SAMPLERS[module_type] = MicroBatchSampler(
+                fn, batch_dim, keep_outputs, check, forward, needs_autograd
+            )
             UNSUPPORTED_LAYERS.pop(module_type, None)
         return fn
 

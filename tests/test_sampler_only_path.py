@@ -1,0 +1,192 @@
+"""Unchecked steps: samplers alone compute their layers' gradients, autograd computes only input gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mbclip import MicroBatchClipping
+from reference import assert_close_update, reference_update
+
+
+def _model():
+    return nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.LayerNorm(6), nn.Linear(6, 3))
+
+
+def _losses(x, y):
+    return lambda m, samples: nn.functional.cross_entropy(m(x[samples]), y[samples], reduction="none")
+
+
+def test_second_step_skips_autograd_weight_gradients_and_matches_reference():
+    torch.manual_seed(1)
+    model = _model()
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=model, optimizer=optimizer, microbatch_size=2, max_grad_norm=0.1
+    )
+    assert wrapped.check_gradients  # the first step is checked
+    clipped.zero_grad()
+    _losses(x, y)(wrapped, slice(None)).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())  # autograd computed them beside the samplers
+    clipped.step()
+    assert not wrapped.check_gradients
+
+    expected = reference_update(model, _losses(x, y), 6, 2, "fixed", 0.1)
+    clipped.zero_grad()
+    loss = _losses(x, y)(wrapped, slice(None)).mean()
+    assert all(p.requires_grad for p in model.parameters())  # switched back on after each layer's forward
+    loss.backward()
+    assert all(p.grad is None for p in model.parameters())  # autograd computed no weight gradient
+    assert clipped.pre_step()
+    assert_close_update([p.grad for p in model.parameters()], expected.update)
+
+
+def test_always_checks_every_step():
+    model = _model()
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        microbatch_size=2,
+        max_grad_norm=1.0,
+        verify_gradients=True,
+    )
+    for _ in range(2):
+        clipped.zero_grad()
+        _losses(x, y)(wrapped, slice(None)).mean().backward()
+        assert all(p.grad is not None for p in model.parameters())
+        clipped.step()
+    assert wrapped.check_gradients
+
+
+def test_forward_that_raises_gives_requires_grad_back():
+    class Failing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            self.linear(x)
+            raise RuntimeError("user error mid-forward")
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(4, 4), Failing())
+
+        def forward(self, x):
+            return self.inner(x)
+
+    model = Outer()
+    wrapped, _, _ = MicroBatchClipping().make_clipped(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        microbatch_size=2,
+        max_grad_norm=1.0,
+        verify_gradients="never",
+    )
+    with pytest.raises(RuntimeError, match="user error mid-forward"):
+        wrapped(torch.randn(4, 4))
+    assert all(p.requires_grad for p in model.parameters())
+    assert not wrapped._switched_off
+
+
+def test_frozen_parameters_stay_frozen():
+    model = _model()
+    model[0].bias.requires_grad_(False)
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=model,
+        optimizer=torch.optim.SGD(trainable, lr=0.1),
+        microbatch_size=2,
+        max_grad_norm=1.0,
+        verify_gradients="never",
+    )
+    _losses(x, y)(wrapped, slice(None)).mean().backward()
+    assert not model[0].bias.requires_grad and model[0].bias.grad is None
+    assert clipped.pre_step()
+    assert model[0].bias.grad is None
+
+
+def test_inputs_that_need_grad_still_get_it():
+    """Switching parameters off must not cost the user the gradient of an input that requires one."""
+    model = _model()
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    expected_x = x.clone().requires_grad_()
+    nn.functional.cross_entropy(model(expected_x), y).backward()
+    model.zero_grad()
+    wrapped, _, _ = MicroBatchClipping().make_clipped(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        microbatch_size=2,
+        max_grad_norm=1.0,
+        verify_gradients="never",
+    )
+    actual_x = x.clone().requires_grad_()
+    nn.functional.cross_entropy(wrapped(actual_x), y).backward()
+    torch.testing.assert_close(actual_x.grad, expected_x.grad, rtol=1e-12, atol=1e-15)
+
+
+def test_tied_weights_of_two_sampled_layers_add_up():
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(7, 4)
+            self.head = nn.Linear(4, 7, bias=False)
+            self.head.weight = self.embedding.weight
+
+        def forward(self, tokens):
+            return self.head(torch.tanh(self.embedding(tokens)))
+
+    torch.manual_seed(2)
+    model = TiedLM()
+    tokens, targets = torch.randint(0, 7, (6, 3)), torch.randint(0, 7, (6, 3))
+
+    def losses(m, samples):
+        logits = m(tokens[samples])
+        return nn.functional.cross_entropy(logits.transpose(1, 2), targets[samples], reduction="none").mean(dim=1)
+
+    expected = reference_update(model, losses, 6, 2, "fixed", 0.2)
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        microbatch_size=2,
+        max_grad_norm=0.2,
+        verify_gradients="never",
+    )
+    losses(wrapped, slice(None)).mean().backward()
+    assert clipped.pre_step()
+    assert_close_update([p.grad for p in model.parameters()], expected.update)
+
+
+def test_unused_output_of_a_first_layer_is_fine():
+    """A tapped output nobody uses gets no gradient; the step still works."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(5, 3)
+            self.unused = nn.Linear(5, 3)
+
+        def forward(self, x):
+            self.unused(x)
+            return self.used(x)
+
+    model = TwoHeads()
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    expected = reference_update(model, _losses(x, y), 4, 2, "fixed", 0.3)
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        microbatch_size=2,
+        max_grad_norm=0.3,
+        verify_gradients="never",
+    )
+    _losses(x, y)(wrapped, slice(None)).mean().backward()
+    assert clipped.pre_step()
+    assert model.unused.weight.grad is None or not model.unused.weight.grad.any()
+    assert_close_update([p.grad for p in model.used.parameters()], expected.update[:2])
+

@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 CLIPPING_MODES = ("fixed", "adaptive", "per_layer")
 STABILITY = 1e-6  # added to every norm before dividing, as Opacus does
-
-
-def per_parameter_norms(gradients: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[M, P]``: the L2 norm of each micro-batch gradient of each parameter, in float32 at least."""
-    columns = []
-    for g in gradients:
-        flat = g.reshape(g.shape[0], -1)
-        if flat.dtype in (torch.float16, torch.bfloat16):
-            flat = flat.float()
-        columns.append(flat.norm(2, dim=1))
-    return torch.stack(columns, dim=1)
 
 
 def total_norms(per_param_norms: torch.Tensor) -> torch.Tensor:

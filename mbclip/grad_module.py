@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from mbclip.errors import BatchError, ConfigurationError, UnsupportedModuleError
 from mbclip.layers.batchnorm import check_batchnorms, swap_in_batchnorms, swap_out_batchnorms
 from mbclip.layout import MicroBatchLayout
+from mbclip.microbatch_sums import FormedSums, MicroBatchSums, add_sums, as_sums, stack_passes
 from mbclip.output_hooks import on_output_gradients
 from mbclip.samplers import MICROBATCH_SAMPLERS, UNSUPPORTED_LAYERS, LayerCall, MicroBatchSampler
 from mbclip.samplers.autograd_fallback import autograd_microbatch_sums, infer_batch_dim
@@ -111,13 +112,18 @@ def _first_tensor(args: Sequence, kwargs: Dict) -> Optional[object]:
 
 @dataclass
 class MicroBatchGradients:
-    """Every micro-batch seen since the last step, in order: pass by pass, in loader order within a pass."""
+    """Every micro-batch seen since the last step, in order: pass by pass, in loader order within a pass.
 
-    gradients: List[Optional[torch.Tensor]]  # per parameter, [M, *param.shape]; None: no micro-batch touched it
+    ``sums[i]`` holds parameter ``i``'s micro-batch sums of the gradients of the loss as backward saw it
+    (``None``: no micro-batch touched it); they add up to autograd's ``p.grad``. Micro-batch ``j``'s
+    gradient is ``scales[j] * sums[i][j]`` (``x B`` for a batch-mean loss, ``/ b`` for a micro-batch mean):
+    the optimizer folds the scale into norms and weights instead of rescaling ``M x params`` numbers.
+    """
+
+    sums: List[Optional[MicroBatchSums]]
     microbatch_sizes: torch.Tensor  # [M], samples in each micro-batch
     layouts: List[MicroBatchLayout]  # one per pass that reached backward
-    # [M]: autograd's plain gradient (what loss.backward() left in p.grad) is sum_j to_plain[j] * gradients[j]
-    to_plain: Optional[torch.Tensor] = None
+    scales: torch.Tensor  # [M]
 
     @property
     def num_microbatches(self) -> int:
@@ -125,7 +131,7 @@ class MicroBatchGradients:
 
 
 class MicroBatchGradSampleModule(GradSampleModule):
-    """A ``GradSampleModule`` whose ``p.grad_sample`` holds micro-batch gradients ``[M, *p.shape]``.
+    """A ``GradSampleModule`` that records micro-batch gradient sums (:meth:`collect`) instead of ``p.grad_sample``.
 
     With ``microbatch_size=1`` they are Opacus's per-sample gradients. mbclip keeps its own sampler
     registry (``mbclip.register_microbatch_sampler``); Opacus's registry is neither read nor changed.
@@ -209,7 +215,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
     def _reset_passes(self) -> None:
         self._pass_batch_sizes: List[int] = []
         self._current_pass: Optional[int] = None
-        self._sums: Dict[nn.Parameter, Dict[int, torch.Tensor]] = {}
+        self._sums: Dict[nn.Parameter, Dict[int, MicroBatchSums]] = {}
         self._claimed: Dict[nn.Parameter, int] = {}
         self.low_precision_seen: set = set()  # half dtypes of output gradients since the last step (autocast)
         self._switched_off: List[List[nn.Parameter]] = []  # per open sampled call: parameters made grad-free
@@ -373,24 +379,24 @@ class MicroBatchGradSampleModule(GradSampleModule):
         for param, microbatch_sums in sums.items():
             if microbatch_sums is None:
                 continue
+            microbatch_sums = as_sums(microbatch_sums)
             per_pass = self._sums.setdefault(param, {})
             if call.pass_index in per_pass:
-                per_pass[call.pass_index] = per_pass[call.pass_index] + microbatch_sums
+                per_pass[call.pass_index] = add_sums(per_pass[call.pass_index], microbatch_sums)
             else:
                 per_pass[call.pass_index] = microbatch_sums
 
     # -- what the optimizer reads --------------------------------------------------------------
 
     def collect(self, params: Sequence[nn.Parameter]) -> Optional[MicroBatchGradients]:
-        """Micro-batch gradients of ``params`` over every pass that reached backward; ``None`` if none did.
-
-        Sets ``p.grad_sample`` to them too, as Opacus does with per-sample gradients.
-        """
+        """Micro-batch sums of ``params`` over every pass that reached backward; ``None`` if none did."""
         passes = sorted({k for per_pass in self._sums.values() for k in per_pass})
         if not passes:
             return None
         layouts = [MicroBatchLayout(self._pass_batch_sizes[k], self.microbatch_size) for k in passes]
-        device = next((t.device for per_pass in self._sums.values() for t in per_pass.values()), None)
+        device = next(
+            (p.device for p, per_pass in self._sums.items() if per_pass), None
+        )
         sizes = torch.cat([layout.microbatch_sizes(device=device) for layout in layouts])
         # The sums hold gradients of the loss as backward saw it; one factor per micro-batch turns them into
         # micro-batch gradients: x B_k for a batch-mean loss, / (micro-batch size) for microbatch_reduction="mean".
@@ -400,24 +406,19 @@ class MicroBatchGradSampleModule(GradSampleModule):
                 for k, layout in zip(passes, layouts)
             ]
         )
-        multipliers = loss_scale / sizes if self.microbatch_reduction == "mean" else loss_scale
-        gradients: List[Optional[torch.Tensor]] = []
+        scales = loss_scale / sizes if self.microbatch_reduction == "mean" else loss_scale
+        collected: List[Optional[MicroBatchSums]] = []
         for p in params:
             per_pass = self._sums.get(p)
             if not per_pass:
-                gradients.append(None)
-                p.grad_sample = None
+                collected.append(None)
                 continue
-            pieces = [
-                per_pass[k] if k in per_pass else p.new_zeros((layout.num_microbatches,) + tuple(p.shape))
+            parts = [
+                per_pass[k] if k in per_pass else FormedSums(p.new_zeros((layout.num_microbatches,) + tuple(p.shape)))
                 for k, layout in zip(passes, layouts)
             ]
-            sums = torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
-            if not bool((multipliers == 1).all()):
-                sums = sums * multipliers.to(sums.dtype).reshape((-1,) + (1,) * p.dim())
-            gradients.append(sums)
-            p.grad_sample = sums
-        return MicroBatchGradients(gradients, sizes, layouts, to_plain=1 / multipliers)
+            collected.append(stack_passes(parts))
+        return MicroBatchGradients(collected, sizes, layouts, scales)
 
     def _loss_scale(self, pass_index: int) -> int:
         """What the per-pass sums are multiplied by to become sums of per-sample gradients."""
@@ -425,11 +426,13 @@ class MicroBatchGradSampleModule(GradSampleModule):
 
     def plain_gradient_of(self, p: nn.Parameter) -> Optional[torch.Tensor]:
         """The gradient autograd should hold for ``p``, rebuilt from the micro-batch sums (for checking)."""
-        return self._reduce_passes(p, lambda sums: sums.sum(dim=0))
+        return self._reduce_passes(
+            p, lambda sums: sums.weighted_sum(torch.ones(1, sums.num_microbatches, dtype=torch.float64))[0]
+        )
 
     def gradient_magnitude_of(self, p: nn.Parameter) -> float:
         """Norm of the sum of absolute micro-batch sums: the scale of rounding in :meth:`plain_gradient_of`."""
-        total = self._reduce_passes(p, lambda sums: sums.abs().sum(dim=0))
+        total = self._reduce_passes(p, lambda sums: sums.formed().abs().sum(dim=0))
         return float(total.norm()) if total is not None else 0.0
 
     def _reduce_passes(self, p: nn.Parameter, reduce) -> Optional[torch.Tensor]:

@@ -181,16 +181,18 @@ class MicroBatchOptimizer(DPOptimizer):
 
     def _apply(self, collected: MicroBatchGradients) -> None:
         params = self.params
-        present = [(p, g) for p, g in zip(params, collected.gradients) if g is not None]
-        per_param_norms = rules.per_parameter_norms([g for _, g in present])  # [M, P']
+        present = [(p, sums) for p, sums in zip(params, collected.sums) if sums is not None]
+        raw_norms = torch.stack([sums.norms() for _, sums in present], dim=1)  # [M, P']: norms of the sums
+        scales = collected.scales.to(device=raw_norms.device, dtype=raw_norms.dtype)
+        per_param_norms = raw_norms * scales.unsqueeze(1)  # norms of the micro-batch gradients
         norms = rules.total_norms(per_param_norms)
         finite = torch.isfinite(norms)
         num_dropped = int((~finite).sum())
         # Verification rides on the update's own pass over the gradients when all are finite (see
-        # _weighted_sums); with non-finite micro-batches it runs alone, on what is finite. Unchecked steps
-        # (autograd computed no weight gradient beside the samplers) only make sure none went unsplit.
+        # _weighted_sums_checked); with non-finite micro-batches it runs alone, on what is finite. Unchecked
+        # steps (autograd computed no weight gradient beside the samplers) only make sure none went unsplit.
         checking = self.grad_module.check_gradients
-        fused_check = checking and num_dropped == 0 and collected.to_plain is not None
+        fused_check = checking and num_dropped == 0
         if checking and not fused_check:
             self._verify(collected)
         if not checking:
@@ -208,20 +210,21 @@ class MicroBatchOptimizer(DPOptimizer):
             (norms.numel(),) + tuple(factors.shape[1:]), dtype=factors.dtype, device=factors.device
         )
         full_factors[kept] = factors
+        # each micro-batch's sums enter the update with its clip factor times its scale
+        weights = full_factors * scales.reshape((-1,) + (1,) * (full_factors.dim() - 1)).to(full_factors.dtype)
         normalizer = self._normalizer(len(collected.layouts), num_kept)
         applied = num_kept > 0
         if fused_check:
-            summed_all = self._weighted_sums_checked(collected, present, factors, per_param_norms)
+            summed_all = self._weighted_sums_checked(present, weights, raw_norms)
         if checking and self.verify_gradients == "first":
             self.grad_module.check_gradients = False  # checked once: from now on samplers alone compute them
         if applied:
-            for index, (p, g) in enumerate(present):
+            for index, (p, sums) in enumerate(present):
                 if fused_check:
                     summed = summed_all[index]
                 else:
-                    factor = factors if factors.dim() == 1 else factors[:, index]
-                    gradient = g if num_kept == g.shape[0] else g[kept]
-                    summed = torch.einsum("i,i...", factor.to(device=g.device, dtype=g.dtype), gradient)
+                    weight = weights if weights.dim() == 1 else weights[:, index]
+                    summed = sums.weighted_sum(weight.unsqueeze(0), finite if num_dropped else None)[0]
                 if self.noise_multiplier > 0:
                     summed = summed + _generate_noise(
                         std=self.noise_multiplier * self.max_grad_norm,
@@ -267,27 +270,25 @@ class MicroBatchOptimizer(DPOptimizer):
             return float(per_pass * num_passes)
         return float(max(num_kept, 1))
 
-    def _weighted_sums_checked(self, collected, present, factors, per_param_norms) -> List[torch.Tensor]:
-        """``sum_j factor_j g_j`` for every parameter, checked against autograd's ``p.grad`` in the same pass.
+    def _weighted_sums_checked(self, present, weights, raw_norms) -> List[torch.Tensor]:
+        """``sum_j weight_j G_j`` for every parameter, checked against autograd's ``p.grad`` in the same pass.
 
-        One matrix product per parameter, ``[2, M] @ [M, numel]``, gives both the clipped sum and the
-        plain gradient rebuilt from the micro-batches (``sum_j to_plain_j g_j``); the rounding bound of
-        the check is ``sum_j to_plain_j ||g_j||`` from the norms the clipping already computed. All
-        finite micro-batches only (the caller makes sure); raises before any ``p.grad`` is changed.
+        One product per parameter with two rows of weights gives both the clipped sum and the plain gradient
+        rebuilt from the micro-batch sums (their plain sum); the rounding bound of the check is
+        ``sum_j ||G_j||`` from the norms the clipping already computed. All finite micro-batches only (the
+        caller makes sure); raises before any ``p.grad`` is changed.
         """
         module = self.grad_module
         present_ids = {id(p) for p, _ in present}
         for p in self.params:  # parameters with a gradient mbclip could not split
             if id(p) not in present_ids and p.grad is not None and p.grad.abs().max() > 0:
-                self._verify(collected)  # raises with the explanation
-        to_plain = collected.to_plain.to(per_param_norms.dtype)
-        bounds = (to_plain.unsqueeze(1) * per_param_norms).sum(dim=0)  # [P']
+                raise BatchError(self._unsplit_message(module.parameter_name(p)))
+        bounds = raw_norms.sum(dim=0)  # [P']
         bounds = bounds + 1e-3 * bounds.norm()  # model-wide floor: a gradient cancelling to ~0 is rounding noise
         summed_all, rebuilt_all, excess = [], [], []
-        for index, (p, g) in enumerate(present):
-            factor = factors if factors.dim() == 1 else factors[:, index]
-            weights = torch.stack([factor.to(g.dtype), collected.to_plain.to(device=g.device, dtype=g.dtype)])
-            both = torch.mm(weights, g.reshape(g.shape[0], -1))
+        for index, (p, sums) in enumerate(present):
+            weight = weights if weights.dim() == 1 else weights[:, index]
+            both = sums.weighted_sum(torch.stack([weight, torch.ones_like(weight)]))
             summed_all.append(both[0].view_as(p))
             rebuilt_all.append(both[1].view_as(p))
             actual = p.grad

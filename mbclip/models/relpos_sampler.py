@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mbclip.microbatch_sums import outer_product_sums
 from mbclip.models.conformer import RelPositionMultiHeadAttention, rel_shift
 from mbclip.output_hooks import suspended
 from mbclip.samplers.autograd_fallback import autograd_microbatch_sums
@@ -70,7 +71,7 @@ def relpos_attention_sampler(
     def linear(layer: nn.Linear, d_out: torch.Tensor, inputs: torch.Tensor) -> None:
         grouped = grouped_rows(d_out, call)
         if layer.weight.requires_grad:
-            result[layer.weight] = torch.bmm(grouped.transpose(1, 2), grouped_rows(inputs, call))
+            result[layer.weight] = outer_product_sums(grouped, grouped_rows(inputs, call))
         if layer.bias is not None and layer.bias.requires_grad:
             result[layer.bias] = grouped.sum(dim=1)
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from mbclip.microbatch_sums import outer_product_sums
 from mbclip.output_hooks import suspended
 from mbclip.samplers.autograd_fallback import autograd_microbatch_sums
 from mbclip.samplers.linear import grouped_rows
@@ -65,6 +66,24 @@ def _has_fast_path(module: nn.MultiheadAttention, call: LayerCall) -> bool:
     return _plain_and_deterministic(module) and isinstance(call.input, torch.Tensor) and call.input.dim() == 3
 
 
+def _same_tensor(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """The same memory seen the same way (detached copies of one tensor are different objects)."""
+    return (
+        first.data_ptr() == second.data_ptr()
+        and first.shape == second.shape
+        and first.stride() == second.stride()
+        and first.dtype == second.dtype
+    )
+
+
+def _in_projection_sums(grouped_d: List[torch.Tensor], grouped_x: List[torch.Tensor], self_attention: bool):
+    """The stacked q/k/v projection's sums ``[M, 3E, E]``; one outer product when q, k, v are the same input."""
+    if self_attention:  # [dQ dK dV]^T x
+        return outer_product_sums(torch.cat(grouped_d, dim=2), grouped_x[0])
+    blocks = [torch.bmm(d.transpose(1, 2), x) for d, x in zip(grouped_d, grouped_x)]
+    return torch.cat(blocks, dim=1)
+
+
 def _projection_sums(
     module: nn.MultiheadAttention, call: LayerCall, grad_outputs: Sequence[Optional[torch.Tensor]]
 ) -> Dict[nn.Parameter, torch.Tensor]:
@@ -73,7 +92,9 @@ def _projection_sums(
     arguments = dict(bound.arguments)
     grad_output = grad_outputs[0]
     dtype = grad_output.dtype if grad_output is not None else call.input.dtype
-    inputs = [arguments.pop(name).to(dtype) for name in ("query", "key", "value")]
+    inputs = [arguments.pop(name) for name in ("query", "key", "value")]
+    self_attention = _same_tensor(inputs[0], inputs[1]) and _same_tensor(inputs[1], inputs[2])
+    inputs = [x.to(dtype) for x in inputs]
     embed = module.embed_dim
     weights = module.in_proj_weight.to(dtype).split(embed)
     biases = module.in_proj_bias.to(dtype).split(embed) if module.in_proj_bias is not None else (None,) * 3
@@ -95,18 +116,14 @@ def _projection_sums(
         d_projected = torch.autograd.grad(outputs, projected, grads, allow_unused=True)
     batch_dim = 0 if module.batch_first else 1
     rows = dataclasses.replace(call, batch_dim=batch_dim)
-    in_weight, in_bias = [], []
-    for x, d, p in zip(inputs, d_projected, projected):
-        d = torch.zeros_like(p) if d is None else d
-        grouped_d = grouped_rows(d, rows)
-        in_weight.append(torch.bmm(grouped_d.transpose(1, 2), grouped_rows(x, rows)))
-        in_bias.append(grouped_d.sum(dim=1))
+    grouped_d = [grouped_rows(torch.zeros_like(p) if d is None else d, rows) for d, p in zip(d_projected, projected)]
+    grouped_x = [grouped_rows(x, rows) for x in inputs]
     grouped_out = grouped_rows(d_output, rows)
     result = {}
     candidates = [
-        (module.in_proj_weight, lambda: torch.cat(in_weight, dim=1)),
-        (module.in_proj_bias, lambda: torch.cat(in_bias, dim=1)),
-        (module.out_proj.weight, lambda: torch.bmm(grouped_out.transpose(1, 2), grouped_rows(context.detach(), rows))),
+        (module.in_proj_weight, lambda: _in_projection_sums(grouped_d, grouped_x, self_attention)),
+        (module.in_proj_bias, lambda: torch.cat([d.sum(dim=1) for d in grouped_d], dim=1)),
+        (module.out_proj.weight, lambda: outer_product_sums(grouped_out, grouped_rows(context.detach(), rows))),
         (module.out_proj.bias, lambda: grouped_out.sum(dim=1)),
     ]
     for param, compute in candidates:

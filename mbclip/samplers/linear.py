@@ -1,4 +1,7 @@
-"""Linear: a micro-batch's weight gradient is one contraction over its samples and positions."""
+"""Linear: a micro-batch's weight gradient is one contraction over its samples and positions.
+
+It is formed, or kept as its factors for ghost norms when those are smaller (see ``mbclip.microbatch_sums``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
+from mbclip.microbatch_sums import outer_product_sums
 from mbclip.samplers.registry import LayerCall, batch_to_front, register_microbatch_sampler
 
 
@@ -26,7 +30,7 @@ def linear_sampler(
     backprops = grouped_rows(grad_output, call)
     result = {}
     if module.weight.requires_grad:
-        result[module.weight] = torch.bmm(backprops.transpose(1, 2), activations)
+        result[module.weight] = outer_product_sums(backprops, activations)
     if module.bias is not None and module.bias.requires_grad:
         result[module.bias] = backprops.sum(dim=1)
     return result

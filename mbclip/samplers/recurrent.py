@@ -22,6 +22,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from mbclip.errors import BatchError
 from mbclip.layout import MicroBatchLayout
+from mbclip.microbatch_sums import outer_product_sums
 from mbclip.samplers.registry import LayerCall, register_microbatch_sampler
 
 RECORD_ATTRIBUTE = "_mbclip_recurrent_record"
@@ -287,9 +288,9 @@ def _grouped(tensor: torch.Tensor, layout: MicroBatchLayout) -> torch.Tensor:
     return grouped.reshape(grouped.shape[0], -1, grouped.shape[-1])
 
 
-def _outer_sums(left: torch.Tensor, right: torch.Tensor, layout: MicroBatchLayout) -> torch.Tensor:
-    """``[M, d_left, d_right]``: per micro-batch, the sum over its samples and steps of ``left_t right_t^T``."""
-    return torch.bmm(_grouped(left, layout).transpose(1, 2), _grouped(right, layout))
+def _outer_sums(left: torch.Tensor, right: torch.Tensor, layout: MicroBatchLayout):
+    """Per micro-batch, the sum over its samples and steps of ``left_t right_t^T`` (formed or factored)."""
+    return outer_product_sums(_grouped(left, layout), _grouped(right, layout))
 
 
 def _bias_sums(tensor: torch.Tensor, layout: MicroBatchLayout) -> torch.Tensor:

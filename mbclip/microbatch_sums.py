@@ -1,0 +1,173 @@
+"""Micro-batch sums of one parameter's gradients: formed ``[M, *shape]``, or kept as factors (ghost norms).
+
+A sampler's answer for a weight used as ``x @ W.T`` is ``G_j = sum_r g_r a_r^T`` over the rows ``r`` of
+micro-batch ``j``. Forming every ``G_j`` costs ``M x params`` memory. Kept as its factors (output gradients
+``g`` and activations ``a``), its norm comes from Gram matrices, ``||G_j||^2 = sum_{r,s} (g_r . g_s)(a_r . a_s)``
+(the "ghost norm"), and the clipped update ``sum_j w_j G_j`` is one matmul of the weighted output gradients
+with the activations: the book-keeping pass, as cheap as autograd's own weight gradient.
+:func:`outer_product_sums` picks the cheaper form per layer and call.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Bound on the elements of one chunk of Gram matrices [chunk, n, n] (memory of the ghost norms).
+MAX_GRAM_ELEMENTS = 1 << 24
+
+
+class FormedSums:
+    """Micro-batch sums held as one tensor ``[M, *shape]``."""
+
+    def __init__(self, sums: torch.Tensor):
+        self.sums = sums
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.sums.shape[0]
+
+    def norms(self) -> torch.Tensor:
+        """``[M]``: the L2 norm of each micro-batch sum, in float32 at least."""
+        flat = self.sums.reshape(self.sums.shape[0], -1)
+        return (flat.float() if flat.dtype in LOW_PRECISION else flat).norm(2, dim=1)
+
+    def weighted_sum(self, weights: torch.Tensor, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[K, *shape]``: ``sum_j weights[k, j] * G_j``; ``kept`` (bool ``[M]``) leaves out dropped micro-batches."""
+        flat = self.sums.reshape(self.sums.shape[0], -1)
+        weights = weights.to(device=flat.device, dtype=flat.dtype)
+        if kept is not None:  # a dropped (non-finite) micro-batch must not reach the sum, not even as 0 * NaN
+            flat, weights = flat[kept], weights[:, kept]
+        return torch.mm(weights, flat).view((weights.shape[0],) + tuple(self.sums.shape[1:]))
+
+    def formed(self) -> torch.Tensor:
+        return self.sums
+
+
+class FactoredSums:
+    """Micro-batch sums ``G_j = backprops_j^T @ activations_j`` kept as their factors.
+
+    ``backprops``: ``[M, n, out]``, ``activations``: ``[M, n, in]`` (rows of each micro-batch; zero rows pad
+    a ragged micro-batch exactly); ``shape``: the parameter's shape (``out * in`` elements).
+    """
+
+    def __init__(self, backprops: torch.Tensor, activations: torch.Tensor, shape: Sequence[int]):
+        self.backprops = backprops
+        self.activations = activations
+        self.shape = tuple(shape)
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.backprops.shape[0]
+
+    def norms(self) -> torch.Tensor:
+        """``[M]`` ghost norms from the Gram matrices of the two factors, chunked to bound memory."""
+        rows = self.backprops.shape[1]
+        chunk = max(1, MAX_GRAM_ELEMENTS // max(rows * rows, 1))
+        squared = []
+        for first in range(0, self.num_microbatches, chunk):
+            g, a = (_at_least_float32(t[first : first + chunk]) for t in (self.backprops, self.activations))
+            squared.append((torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum(dim=(1, 2)))
+        return torch.cat(squared).clamp_min(0).sqrt()
+
+    def weighted_sum(self, weights: torch.Tensor, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[K, *shape]``: one matmul per row of ``weights`` over every micro-batch's rows at once."""
+        backprops, activations = self.backprops, self.activations
+        if kept is not None:
+            backprops, activations, weights = backprops[kept], activations[kept], weights[:, kept]
+        weights = weights.to(device=backprops.device, dtype=backprops.dtype)
+        flat_activations = activations.reshape(-1, activations.shape[-1])
+        sums = [
+            (backprops * row.view(-1, 1, 1)).reshape(-1, backprops.shape[-1]).t() @ flat_activations for row in weights
+        ]
+        return torch.stack(sums).view((weights.shape[0],) + self.shape)
+
+    def formed(self) -> torch.Tensor:
+        return torch.bmm(self.backprops.transpose(1, 2), self.activations).view((-1,) + self.shape)
+
+
+class StackedSums:
+    """Consecutive runs of micro-batches (one per forward pass) of one parameter, in order."""
+
+    def __init__(self, parts: List[MicroBatchSums]):
+        self.parts = parts
+
+    @property
+    def num_microbatches(self) -> int:
+        return sum(part.num_microbatches for part in self.parts)
+
+    def _ranges(self):
+        first = 0
+        for part in self.parts:
+            yield part, slice(first, first + part.num_microbatches)
+            first += part.num_microbatches
+
+    def norms(self) -> torch.Tensor:
+        return torch.cat([part.norms() for part in self.parts])
+
+    def weighted_sum(self, weights: torch.Tensor, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
+        total = None
+        for part, rows in self._ranges():
+            piece = part.weighted_sum(weights[:, rows], None if kept is None else kept[rows])
+            total = piece if total is None else total + piece
+        return total
+
+    def formed(self) -> torch.Tensor:
+        return torch.cat([part.formed() for part in self.parts])
+
+
+MicroBatchSums = Union[FormedSums, FactoredSums, StackedSums]
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() if tensor.dtype in LOW_PRECISION else tensor
+
+
+def prefers_factors(rows: int, out_features: int, in_features: int) -> bool:
+    """The cost model: keep factors when they are smaller than the formed sums.
+
+    Per micro-batch, factors hold ``rows * (out + in)`` numbers and formed sums ``out * in``. The smaller
+    one is also the cheaper in time: the Gram matrices cost ``rows^2 * (out + in)`` against the
+    ``rows * out * in`` of forming, and both paths pay one matmul of that size for the update.
+    """
+    return rows * (out_features + in_features) < out_features * in_features
+
+
+def outer_product_sums(
+    backprops: torch.Tensor, activations: torch.Tensor, shape: Optional[Sequence[int]] = None
+) -> Union[torch.Tensor, FactoredSums]:
+    """``sum_r g_r a_r^T`` per micro-batch from ``[M, n, out]`` and ``[M, n, in]``: formed or factored, the cheaper."""
+    _, rows, out_features = backprops.shape
+    in_features = activations.shape[-1]
+    shape = tuple(shape) if shape is not None else (out_features, in_features)
+    if prefers_factors(rows, out_features, in_features):
+        return FactoredSums(backprops, activations, shape)
+    return torch.bmm(backprops.transpose(1, 2), activations).view((-1,) + shape)
+
+
+def as_sums(value: Union[torch.Tensor, MicroBatchSums]) -> MicroBatchSums:
+    return FormedSums(value) if isinstance(value, torch.Tensor) else value
+
+
+def add_sums(first: MicroBatchSums, second: MicroBatchSums) -> MicroBatchSums:
+    """Two contributions to the same micro-batches (a layer called twice in one pass)."""
+    if isinstance(first, FactoredSums) and isinstance(second, FactoredSums) and first.shape == second.shape:
+        # G_j = g1_j^T a1_j + g2_j^T a2_j = [g1_j; g2_j]^T [a1_j; a2_j]: still factored, rows concatenated
+        return FactoredSums(
+            torch.cat([first.backprops, second.backprops], dim=1),
+            torch.cat([first.activations, second.activations], dim=1),
+            first.shape,
+        )
+    return FormedSums(first.formed() + second.formed())
+
+
+def stack_passes(parts: List[MicroBatchSums]) -> MicroBatchSums:
+    """One object over the micro-batches of several passes (formed sums are concatenated once)."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(part, FormedSums) for part in parts):
+        return FormedSums(torch.cat([part.sums for part in parts], dim=0))
+    return StackedSums(parts)
+

@@ -1,0 +1,142 @@
+"""Formed and factored (ghost-norm) micro-batch sums agree, and every model is exact with either."""
+
+from __future__ import annotations
+
+import pytest
+import test_attention as attention_cases
+import test_models as model_cases
+import test_recurrent as recurrent_cases
+import test_reliability as reliability_cases
+import test_steps as step_cases
+import torch
+from torch import nn
+
+from mbclip import MicroBatchClipping, microbatch_sums
+from mbclip.microbatch_sums import FactoredSums, FormedSums, StackedSums, add_sums, outer_product_sums, stack_passes
+from reference import assert_close_update, reference_update
+
+
+def _factors(num_microbatches=4, rows=3, out_features=5, in_features=6):
+    return torch.randn(num_microbatches, rows, out_features), torch.randn(num_microbatches, rows, in_features)
+
+
+def test_factored_norms_and_weighted_sums_equal_the_formed_ones():
+    backprops, activations = _factors()
+    factored = FactoredSums(backprops, activations, (5, 6))
+    formed = FormedSums(torch.bmm(backprops.transpose(1, 2), activations))
+    torch.testing.assert_close(factored.formed(), formed.sums, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(factored.norms(), formed.norms(), rtol=1e-12, atol=1e-12)
+    weights = torch.randn(2, 4)
+    torch.testing.assert_close(factored.weighted_sum(weights), formed.weighted_sum(weights), rtol=1e-12, atol=1e-12)
+
+
+def test_dropped_microbatches_do_not_reach_the_sum_even_as_nan():
+    backprops, activations = _factors()
+    backprops[1, 0, 0] = float("nan")
+    activations[1, 2, 3] = float("inf")
+    kept = torch.tensor([True, False, True, True])
+    weights = torch.randn(1, 4)
+    expected = FormedSums(torch.bmm(backprops[kept].transpose(1, 2), activations[kept])).weighted_sum(weights[:, kept])
+    for sums in (
+        FactoredSums(backprops, activations, (5, 6)),
+        FormedSums(FactoredSums(backprops, activations, (5, 6)).formed()),
+    ):
+        actual = sums.weighted_sum(weights, kept)
+        assert torch.isfinite(actual).all()
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_two_calls_in_one_pass_stay_factored_and_add_up():
+    first, second = FactoredSums(*_factors(), (5, 6)), FactoredSums(*_factors(rows=2), (5, 6))
+    total = add_sums(first, second)
+    assert isinstance(total, FactoredSums)
+    torch.testing.assert_close(total.formed(), first.formed() + second.formed(), rtol=1e-12, atol=1e-12)
+    mixed = add_sums(first, FormedSums(second.formed()))
+    torch.testing.assert_close(mixed.formed(), total.formed(), rtol=1e-12, atol=1e-12)
+
+
+def test_passes_stack_in_order():
+    parts = [FactoredSums(*_factors(num_microbatches=2), (5, 6)), FormedSums(torch.randn(3, 5, 6))]
+    stacked = stack_passes(parts)
+    assert isinstance(stacked, StackedSums) and stacked.num_microbatches == 5
+    formed = FormedSums(stacked.formed())
+    torch.testing.assert_close(stacked.norms(), formed.norms(), rtol=1e-12, atol=1e-12)
+    weights, kept = torch.randn(2, 5), torch.tensor([True, True, False, True, True])
+    torch.testing.assert_close(stacked.weighted_sum(weights, kept), formed.weighted_sum(weights, kept))
+
+
+def test_cost_model_keeps_the_smaller_form():
+    assert isinstance(outer_product_sums(*_factors(rows=1, out_features=64, in_features=64)), FactoredSums)
+    assert isinstance(outer_product_sums(*_factors(rows=64, out_features=8, in_features=8)), torch.Tensor)
+
+
+def test_half_precision_factors_give_float32_norms():
+    backprops, activations = _factors()
+    factored = FactoredSums(backprops.bfloat16(), activations.bfloat16(), (5, 6))
+    assert factored.norms().dtype == torch.float32
+
+
+# -- whole models with every layer forced to one form ----------------------------------------------------
+
+
+@pytest.fixture(params=["formed", "factored"])
+def forced_form(request, monkeypatch):
+    monkeypatch.setattr(
+        microbatch_sums, "prefers_factors", lambda rows, out_features, in_features: request.param == "factored"
+    )
+    return request.param
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_conformer(forced_form, b):
+    model_cases.test_conformer_ctc(b, "fixed")
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_lstm_ctc(forced_form, b):
+    model_cases.test_lstm_ctc_padded(b, "adaptive")
+    model_cases.test_lstm_ctc_packed_bidirectional(b)
+
+
+@pytest.mark.parametrize("kind", sorted(recurrent_cases.RNN_FACTORIES))
+def test_recurrent_layers(forced_form, kind):
+    recurrent_cases.test_every_cell_every_microbatch_size(kind, 2)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer(forced_form, batch_first):
+    attention_cases.test_transformer_encoder_classifier(2, batch_first, False)
+    attention_cases.test_kdim_vdim(2, batch_first, True)
+
+
+@pytest.mark.parametrize("clipping,max_grad_norm", [("fixed", 0.05), ("per_layer", 0.03)])
+def test_passes_and_dropped_microbatches(forced_form, clipping, max_grad_norm):
+    step_cases.test_several_backward_passes_give_the_mean_over_every_microbatch(clipping, max_grad_norm, 2)
+    reliability_cases.test_nan_microbatch_is_dropped_and_the_rest_averaged(clipping, max_grad_norm)
+    reliability_cases.test_nan_in_one_of_several_passes_drops_only_that_microbatch()
+
+
+def test_tied_weights_twice_in_one_pass(forced_form):
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.linear(torch.tanh(self.linear(x)))  # one layer called twice per pass
+
+    torch.manual_seed(3)
+    model = Shared()
+    x = torch.randn(6, 4)
+    losses = lambda m, samples: m(x[samples]).pow(2).sum(dim=1)  # noqa: E731
+    expected = reference_update(model, losses, 6, 2, "fixed", 0.5)
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        microbatch_size=2,
+        max_grad_norm=0.5,
+        verify_gradients="always",
+    )
+    losses(wrapped, slice(None)).mean().backward()
+    assert clipped.pre_step()
+    assert_close_update([p.grad for p in model.parameters()], expected.update)

@@ -32,6 +32,7 @@ from mbclip.microbatch_sums import FormedSums, MicroBatchSums, add_sums, as_sums
 from mbclip.output_hooks import on_output_gradients
 from mbclip.samplers import MICROBATCH_SAMPLERS, UNSUPPORTED_LAYERS, LayerCall, MicroBatchSampler
 from mbclip.samplers.autograd_fallback import autograd_microbatch_sums, infer_batch_dim
+from mbclip.samplers.registry import WATCHED_ATTRIBUTE
 
 LOSS_REDUCTIONS = ("mean", "sum")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -337,8 +338,9 @@ class MicroBatchGradSampleModule(GradSampleModule):
             pass_index=self._current_pass,
             outputs=leaves if (sampler is None or sampler.keep_outputs) else (),
         )
+        watched = getattr(leaves[0], WATCHED_ATTRIBUTE, ()) if leaves and sampler is not None else ()
         on_grads = partial(self._on_output_grads, module, layer, call, params, needs_grad, len(leaves))
-        on_output_gradients([hooked_leaves[i] for i in needs_grad], on_grads)
+        on_output_gradients([hooked_leaves[i] for i in needs_grad], on_grads, watched)
         return replaced
 
     def _anchor(self, like: torch.Tensor) -> torch.Tensor:
@@ -365,6 +367,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         # Samplers get the loss's own output gradients; the 1/B of a mean loss is undone once per
         # micro-batch in collect() (on [M, *p.shape]) instead of on every layer's output gradient here.
         grad_outputs: List[Optional[torch.Tensor]] = [None] * num_leaves
+        call.watched_grads = [None if g is None else g.detach() for g in grads[len(needs_grad) :]]
         for index, grad in zip(needs_grad, grads):
             if grad is not None:
                 if grad.dtype in LOW_PRECISION:  # autocast or a half model: samplers sum micro-batches in float32

@@ -40,9 +40,15 @@ def _is_suspended() -> bool:
     return getattr(_state, "suspended", False)
 
 
-def on_output_gradients(tensors: Sequence[torch.Tensor], callback: GradsCallback) -> None:
-    """Call ``callback(grads)`` once per backward with the gradient of each of ``tensors`` (or ``None``)."""
-    if len(tensors) == 1:
+def on_output_gradients(
+    tensors: Sequence[torch.Tensor], callback: GradsCallback, watched: Sequence[torch.Tensor] = ()
+) -> None:
+    """Call ``callback(grads)`` once per backward with the gradient of each of ``tensors`` (or ``None``).
+
+    ``watched``: a layer's own intermediate tensors (never changed in place) whose gradients the sampler
+    reads too; they follow the outputs' in ``grads``, and the callback waits until they are computed.
+    """
+    if len(tensors) == 1 and not watched:
         _hook_single(tensors[0], callback)
         return
     bases = [t._base for t in tensors if t._is_view()]
@@ -51,6 +57,8 @@ def on_output_gradients(tensors: Sequence[torch.Tensor], callback: GradsCallback
         use_base = tensor._is_view() and sum(b is tensor._base for b in bases) == 1
         targets.append(tensor._base if use_base else tensor)
         replays.append(tensor._view_func if use_base else None)
+    targets += list(watched)
+    replays += [None] * len(watched)
 
     def on_grads(grads: Sequence[Optional[torch.Tensor]]) -> None:
         if _is_suspended():

@@ -156,18 +156,25 @@ class RelPosAttentionModel(nn.Module):
 
 @pytest.mark.parametrize("b", [1, 2, 5])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_relpos_attention_sampler(monkeypatch, b, dropout):
-    """Exact with and without attention dropout; without it, the batched autograd path is never taken."""
-    import mbclip.models.relpos_sampler as sampler
-
-    if dropout == 0.0:
-
-        def refuse(*args, **kwargs):
-            raise AssertionError("the batched autograd path was taken")
-
-        monkeypatch.setattr(sampler, "autograd_microbatch_sums", refuse)
+def test_relpos_attention_sampler(b, dropout):
+    """Exact with and without attention dropout (the gradients come from the real backward, masks included)."""
     torch.manual_seed(4)
     x = torch.randn(5, 6, 8)
     pad = padding_mask(torch.tensor([6, 4, 5, 6, 2]), 6)
     weights = torch.randn(5, 6, 8)
     check_update(RelPosAttentionModel(dropout), lambda m: (m(x, pad) * weights).sum(dim=(1, 2)), 5, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relpos_recording_forward_has_the_class_numerics(dtype):
+    from mbclip import MicroBatchClipping
+
+    torch.manual_seed(4)
+    model = RelPosAttentionModel(0.0).to(dtype)
+    x = torch.randn(5, 6, 8, dtype=dtype)
+    pad = padding_mask(torch.tensor([6, 4, 5, 6, 2]), 6)
+    expected = model(x, pad)
+    wrapped, _, _ = MicroBatchClipping().make_clipped(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), microbatch_size=2, max_grad_norm=1.0
+    )
+    assert torch.equal(wrapped(x, pad), expected)

@@ -39,6 +39,8 @@ class LayerCall:
     pass_index: int
     outputs: Sequence[Optional[torch.Tensor]] = field(default_factory=tuple)
     extra: Dict[str, Any] = field(default_factory=dict)
+    # gradients of the tensors a recording forward marked with :func:`watch`, in the order given
+    watched_grads: Sequence[Optional[torch.Tensor]] = field(default_factory=tuple)
 
     @property
     def input(self) -> torch.Tensor:
@@ -114,6 +116,19 @@ def mark_unsupported(module_type: Type[nn.Module], reason: str) -> None:
     """Refuse ``module_type`` at wrap time with ``reason`` (which should name the fix)."""
     if module_type not in MICROBATCH_SAMPLERS:
         UNSUPPORTED_LAYERS[module_type] = reason
+
+
+WATCHED_ATTRIBUTE = "_mbclip_watched"
+
+
+def watch(output: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """From a recording ``forward``: deliver the gradients of ``tensors`` (the layer's own intermediates) to the
+    sampler as ``call.watched_grads``, from the same backward pass that computes the model's gradients.
+
+    The sampler then runs once they are computed, and needs no re-run of the layer. ``output`` is the layer's
+    first output tensor.
+    """
+    setattr(output, WATCHED_ATTRIBUTE, list(tensors))
 
 
 def batch_to_front(tensor: torch.Tensor, batch_dim: Optional[int]) -> torch.Tensor:

@@ -190,3 +190,97 @@ def test_plain_attention_takes_the_one_backward_fast_path(monkeypatch, b, batch_
 
     monkeypatch.setattr(attention_sampler, "autograd_microbatch_sums", refuse)
     check_attention(b, batch_first=batch_first, need_weights=need_weights, inputs=attention_inputs(padding=True))
+
+
+class SelfAttentionModel(nn.Module):
+    """``attention(x, x, x)``: the call mbclip records, so its gradients come from the one backward."""
+
+    def __init__(self, batch_first: bool, need_weights: bool, mask: str, dropout: float = 0.0):
+        super().__init__()
+        self.batch_first, self.need_weights, self.mask = batch_first, need_weights, mask
+        self.embed = nn.Linear(E, E)
+        self.attention = nn.MultiheadAttention(E, 2, batch_first=batch_first, dropout=dropout)
+
+    def masks(self, dtype):
+        padding = torch.zeros(B, T, dtype=torch.bool)
+        padding[1, -2:] = True
+        padding[3, -1:] = True
+        causal = nn.Transformer.generate_square_subsequent_mask(T, dtype=dtype)
+        generator = torch.Generator().manual_seed(3)
+        return {
+            "none": {},
+            "padding": {"key_padding_mask": padding},
+            "float": {"attn_mask": torch.randn(T, T, generator=generator, dtype=dtype)},
+            "bool": {"attn_mask": torch.ones(T, T, dtype=torch.bool).triu(1), "key_padding_mask": padding},
+            "causal": {"attn_mask": causal, "is_causal": True},
+            "per_head": {"attn_mask": torch.randn(B * 2, T, T, generator=generator, dtype=dtype)},
+        }[self.mask]
+
+    def forward(self, x):
+        x = self.embed(x)
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        output, weights = self.attention(x, x, x, need_weights=self.need_weights, **self.masks(x.dtype))
+        if not self.batch_first:
+            output = output.transpose(0, 1)
+        losses = output.tanh().pow(2).sum(dim=(1, 2))
+        return losses if weights is None else losses + weights.pow(3).flatten(1).sum(dim=1)
+
+
+def _spy_recorded(monkeypatch):
+    import mbclip.samplers.attention as attention_sampler
+
+    calls = []
+    recorded = attention_sampler._recorded_sums
+    monkeypatch.setattr(attention_sampler, "_recorded_sums", lambda *a: calls.append(1) or recorded(*a))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a re-run or batched autograd path was taken")
+
+    monkeypatch.setattr(attention_sampler, "autograd_microbatch_sums", refuse)
+    monkeypatch.setattr(attention_sampler, "_projection_sums", refuse)
+    return calls
+
+
+@pytest.mark.parametrize("b", [1, 2, B])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("mask", ["none", "padding", "float", "bool", "causal", "per_head"])
+def test_recorded_self_attention_is_exact(monkeypatch, b, batch_first, need_weights, mask):
+    calls = _spy_recorded(monkeypatch)
+    torch.manual_seed(0)
+    model = SelfAttentionModel(batch_first, need_weights, mask)
+    x = torch.randn(B, T, E)
+    check_update(model, lambda m: m(x), B, b)
+    assert calls
+
+
+@pytest.mark.parametrize("b", [1, 2])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_recorded_self_attention_with_dropout_is_exact(monkeypatch, b, need_weights):
+    """The real dropout masks are in the backward that delivers the gradients: no re-run, no per-micro-batch path."""
+    calls = _spy_recorded(monkeypatch)
+    torch.manual_seed(0)
+    model = SelfAttentionModel(True, need_weights, "padding", dropout=0.3)
+    x = torch.randn(B, T, E)
+    check_update(model, lambda m: m(x), B, b)
+    assert calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("mask", ["none", "padding", "bool", "causal", "per_head"])
+def test_recording_forward_has_the_class_numerics(dtype, batch_first, need_weights, mask):
+    from mbclip import MicroBatchClipping
+
+    torch.manual_seed(0)
+    model = SelfAttentionModel(batch_first, need_weights, mask, dropout=0.2).to(dtype)
+    x = torch.randn(B, T, E, dtype=dtype)
+    torch.manual_seed(7)
+    expected = model(x)
+    wrapped, _, _ = MicroBatchClipping().make_clipped(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), microbatch_size=2, max_grad_norm=1.0
+    )
+    torch.manual_seed(7)
+    assert torch.equal(wrapped(x), expected)

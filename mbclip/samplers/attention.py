@@ -8,7 +8,10 @@ fallback is the batch dimension of each output, read from the layer's own ``batc
 guessed from shapes: a time-first attention inside a batch-first model with ``T == B`` is otherwise
 ambiguous.
 
-Fast path, when attention dropout is off and the layer is plain (``kdim == vdim == embed_dim``, no
+Recorded path, for plain self-attention (the common case, attention dropout included): see
+``mbclip.samplers.attention_recording``; the gradients come from the one backward, nothing is re-run.
+
+Re-run path, for other plain calls when attention dropout is off (``kdim == vdim == embed_dim``, no
 ``bias_k``/``bias_v``, no zero attention): the projected q, k, v are recomputed as leaves and the layer is
 re-run once with identity projections (multiplying by an identity matrix is exact), so one backward of the
 whole batch gives every sample's dQ, dK, dV; the projection gradients are then grouped contractions,
@@ -28,9 +31,12 @@ from torch.func import functional_call
 
 from mbclip.microbatch_sums import outer_product_sums
 from mbclip.output_hooks import suspended
+from mbclip.samplers.attention_recording import RECORD_ATTRIBUTE, recording_forward, records
 from mbclip.samplers.autograd_fallback import autograd_microbatch_sums
 from mbclip.samplers.linear import grouped_rows
 from mbclip.samplers.registry import LayerCall, register_microbatch_sampler
+
+_FORWARD_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
 
 def _output_batch_dims(module: nn.MultiheadAttention, call: LayerCall) -> List[Optional[int]]:
@@ -42,14 +48,22 @@ def _output_batch_dims(module: nn.MultiheadAttention, call: LayerCall) -> List[O
 
 
 def _needs_autograd(module: nn.MultiheadAttention, args, kwargs) -> bool:
-    query = args[0] if args else kwargs.get("query")
+    """Only calls that are neither recorded nor plain take the batched autograd path through the parameters."""
+    bound = _FORWARD_SIGNATURE.bind(module, *args, **kwargs).arguments
+    if records(module, bound["query"], bound["key"], bound["value"], bound.get("attn_mask"), bound.get("is_causal")):
+        return False
+    query = bound["query"]
     return not _plain_and_deterministic(module) or not (isinstance(query, torch.Tensor) and query.dim() == 3)
 
 
-@register_microbatch_sampler(nn.MultiheadAttention, keep_outputs=True, needs_autograd=_needs_autograd)
+@register_microbatch_sampler(
+    nn.MultiheadAttention, keep_outputs=True, needs_autograd=_needs_autograd, forward=recording_forward
+)
 def multihead_attention_sampler(
     module: nn.MultiheadAttention, call: LayerCall, grad_outputs: Sequence[Optional[torch.Tensor]]
 ) -> Dict[nn.Parameter, torch.Tensor]:
+    if call.outputs and hasattr(call.outputs[0], RECORD_ATTRIBUTE):
+        return _recorded_sums(module, call, grad_outputs)
     if _has_fast_path(module, call):
         return _projection_sums(module, call, grad_outputs)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -114,19 +128,47 @@ def _projection_sums(
             outputs.append(attention)
             grads.append(grad_outputs[1])
         d_projected = torch.autograd.grad(outputs, projected, grads, allow_unused=True)
-    batch_dim = 0 if module.batch_first else 1
-    rows = dataclasses.replace(call, batch_dim=batch_dim)
+    rows = dataclasses.replace(call, batch_dim=0 if module.batch_first else 1)
     grouped_d = [grouped_rows(torch.zeros_like(p) if d is None else d, rows) for d, p in zip(d_projected, projected)]
     grouped_x = [grouped_rows(x, rows) for x in inputs]
-    grouped_out = grouped_rows(d_output, rows)
-    result = {}
+    return _parameter_sums(
+        module,
+        lambda: _in_projection_sums(grouped_d, grouped_x, self_attention),
+        lambda: torch.cat([d.sum(dim=1) for d in grouped_d], dim=1),
+        grouped_rows(d_output, rows),
+        grouped_rows(context.detach(), rows),
+    )
+
+
+def _recorded_sums(
+    module: nn.MultiheadAttention, call: LayerCall, grad_outputs: Sequence[Optional[torch.Tensor]]
+) -> Dict[nn.Parameter, torch.Tensor]:
+    """Micro-batch sums from what :func:`recording_forward` kept: no re-run of the attention."""
+    (d_projected,) = call.watched_grads
+    context = getattr(call.outputs[0], RECORD_ATTRIBUTE)  # [T, B, E]
+    grad_output = grad_outputs[0] if grad_outputs[0] is not None else torch.zeros_like(call.outputs[0])
+    dtype = grad_output.dtype
+    if d_projected is None:
+        d_projected = context.new_zeros(context.shape[:2] + (3 * module.embed_dim,))
+    time_first = dataclasses.replace(call, batch_dim=1)
+    module_rows = dataclasses.replace(call, batch_dim=0 if module.batch_first else 1)
+    grouped_d = grouped_rows(d_projected.to(dtype), time_first)  # [M, n, 3E]: dQ dK dV of every row
+    grouped_x = grouped_rows(call.input.to(dtype), module_rows)
+    return _parameter_sums(
+        module,
+        lambda: outer_product_sums(grouped_d, grouped_x),
+        lambda: grouped_d.sum(dim=1),
+        grouped_rows(grad_output, module_rows),
+        grouped_rows(context.to(dtype), time_first),
+    )
+
+
+def _parameter_sums(module, in_weight, in_bias, grouped_out, grouped_context) -> Dict[nn.Parameter, torch.Tensor]:
+    """The four parameters' sums from the in-projection's (lazily computed) and the out-projection's factors."""
     candidates = [
-        (module.in_proj_weight, lambda: _in_projection_sums(grouped_d, grouped_x, self_attention)),
-        (module.in_proj_bias, lambda: torch.cat([d.sum(dim=1) for d in grouped_d], dim=1)),
-        (module.out_proj.weight, lambda: outer_product_sums(grouped_out, grouped_rows(context.detach(), rows))),
+        (module.in_proj_weight, in_weight),
+        (module.in_proj_bias, in_bias),
+        (module.out_proj.weight, lambda: outer_product_sums(grouped_out, grouped_context)),
         (module.out_proj.bias, lambda: grouped_out.sum(dim=1)),
     ]
-    for param, compute in candidates:
-        if param is not None and param.requires_grad:
-            result[param] = compute()
-    return result
+    return {param: compute() for param, compute in candidates if param is not None and param.requires_grad}

@@ -88,6 +88,53 @@ class FactoredSums:
         return torch.bmm(self.backprops.transpose(1, 2), self.activations).view((-1,) + self.shape)
 
 
+class IndexedSums:
+    """Micro-batch sums of rows scattered into a table, ``G_j[v] = sum_{r in j, index_r = v} g_r`` (an embedding).
+
+    ``rows``: ``[M, n, d]`` gradient rows, ``indices``: ``[M, n]`` their table rows, ``num_rows``: the table size.
+    Norms come from the Gram matrix of the rows masked to equal indices; the update is one ``index_add_``.
+    """
+
+    def __init__(self, rows: torch.Tensor, indices: torch.Tensor, num_rows: int):
+        self.rows = rows
+        self.indices = indices
+        self.num_rows = num_rows
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.rows.shape[0]
+
+    def norms(self) -> torch.Tensor:
+        rows = self.rows.shape[1]
+        chunk = max(1, MAX_GRAM_ELEMENTS // max(rows * rows, 1))
+        squared = []
+        for first in range(0, self.num_microbatches, chunk):
+            g = _at_least_float32(self.rows[first : first + chunk])
+            index = self.indices[first : first + chunk]
+            same_row = index.unsqueeze(2) == index.unsqueeze(1)
+            squared.append((torch.bmm(g, g.transpose(1, 2)) * same_row).sum(dim=(1, 2)))
+        return torch.cat(squared).clamp_min(0).sqrt()
+
+    def weighted_sum(self, weights: torch.Tensor, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
+        rows, indices = self.rows, self.indices
+        if kept is not None:
+            rows, indices, weights = rows[kept], indices[kept], weights[:, kept]
+        weights = weights.to(device=rows.device, dtype=rows.dtype)
+        flat_index = indices.reshape(-1)
+        sums = []
+        for row in weights:
+            table = rows.new_zeros(self.num_rows, rows.shape[-1])
+            sums.append(table.index_add_(0, flat_index, (rows * row.view(-1, 1, 1)).reshape(-1, rows.shape[-1])))
+        return torch.stack(sums)
+
+    def formed(self) -> torch.Tensor:
+        num_microbatches, _, width = self.rows.shape
+        offsets = torch.arange(num_microbatches, device=self.indices.device).unsqueeze(1) * self.num_rows
+        table = self.rows.new_zeros(num_microbatches * self.num_rows, width)
+        table.index_add_(0, (self.indices + offsets).reshape(-1), self.rows.reshape(-1, width))
+        return table.view(num_microbatches, self.num_rows, width)
+
+
 class StackedSums:
     """Consecutive runs of micro-batches (one per forward pass) of one parameter, in order."""
 
@@ -118,7 +165,7 @@ class StackedSums:
         return torch.cat([part.formed() for part in self.parts])
 
 
-MicroBatchSums = Union[FormedSums, FactoredSums, StackedSums]
+MicroBatchSums = Union[FormedSums, FactoredSums, IndexedSums, StackedSums]
 
 
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
@@ -147,6 +194,18 @@ def outer_product_sums(
     return torch.bmm(backprops.transpose(1, 2), activations).view((-1,) + shape)
 
 
+def prefers_indexed(rows: int, num_rows: int) -> bool:
+    """The cost model for tables: keep the rows when a micro-batch has fewer of them than the table."""
+    return rows < num_rows
+
+
+def scattered_row_sums(rows: torch.Tensor, indices: torch.Tensor, num_rows: int) -> Union[torch.Tensor, IndexedSums]:
+    """Table gradients per micro-batch from ``[M, n, d]`` rows and ``[M, n]`` indices: indexed when ``n`` rows take
+    less memory than the formed ``[M, num_rows, d]`` tables, else formed."""
+    indexed = IndexedSums(rows, indices, num_rows)
+    return indexed if prefers_indexed(rows.shape[1], num_rows) else indexed.formed()
+
+
 def as_sums(value: Union[torch.Tensor, MicroBatchSums]) -> MicroBatchSums:
     return FormedSums(value) if isinstance(value, torch.Tensor) else value
 
@@ -160,6 +219,9 @@ def add_sums(first: MicroBatchSums, second: MicroBatchSums) -> MicroBatchSums:
             torch.cat([first.activations, second.activations], dim=1),
             first.shape,
         )
+    if isinstance(first, IndexedSums) and isinstance(second, IndexedSums) and first.num_rows == second.num_rows:
+        rows = torch.cat([first.rows, second.rows], dim=1)
+        return IndexedSums(rows, torch.cat([first.indices, second.indices], dim=1), first.num_rows)
     return FormedSums(first.formed() + second.formed())
 
 
@@ -170,4 +232,3 @@ def stack_passes(parts: List[MicroBatchSums]) -> MicroBatchSums:
     if all(isinstance(part, FormedSums) for part in parts):
         return FormedSums(torch.cat([part.sums for part in parts], dim=0))
     return StackedSums(parts)
-

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import test_attention as attention_cases
+import test_fast_paths as fast_cases
+import test_layers as layer_cases
 import test_models as model_cases
 import test_recurrent as recurrent_cases
 import test_reliability as reliability_cases
@@ -12,7 +14,15 @@ import torch
 from torch import nn
 
 from mbclip import MicroBatchClipping, microbatch_sums
-from mbclip.microbatch_sums import FactoredSums, FormedSums, StackedSums, add_sums, outer_product_sums, stack_passes
+from mbclip.microbatch_sums import (
+    FactoredSums,
+    FormedSums,
+    IndexedSums,
+    StackedSums,
+    add_sums,
+    outer_product_sums,
+    stack_passes,
+)
 from reference import assert_close_update, reference_update
 
 
@@ -70,6 +80,27 @@ def test_cost_model_keeps_the_smaller_form():
     assert isinstance(outer_product_sums(*_factors(rows=64, out_features=8, in_features=8)), torch.Tensor)
 
 
+def _indexed(num_microbatches=4, rows=5, width=3, table=7):
+    return IndexedSums(
+        torch.randn(num_microbatches, rows, width), torch.randint(0, table, (num_microbatches, rows)), table
+    )
+
+
+def test_indexed_rows_equal_the_formed_tables():
+    indexed = _indexed()
+    formed = torch.zeros(4, 7, 3)
+    for j in range(4):
+        formed[j].index_add_(0, indexed.indices[j], indexed.rows[j])
+    torch.testing.assert_close(indexed.formed(), formed, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(indexed.norms(), FormedSums(formed).norms(), rtol=1e-12, atol=1e-12)
+    weights, kept = torch.randn(2, 4), torch.tensor([True, False, True, True])
+    indexed.rows[1, 0, 0] = float("nan")
+    expected = FormedSums(formed).weighted_sum(weights, kept)
+    torch.testing.assert_close(indexed.weighted_sum(weights, kept), expected, rtol=1e-12, atol=1e-12)
+    twice = add_sums(indexed, _indexed())
+    assert isinstance(twice, IndexedSums) and twice.rows.shape[1] == 10
+
+
 def test_half_precision_factors_give_float32_norms():
     backprops, activations = _factors()
     factored = FactoredSums(backprops.bfloat16(), activations.bfloat16(), (5, 6))
@@ -81,6 +112,7 @@ def test_half_precision_factors_give_float32_norms():
 
 @pytest.fixture(params=["formed", "factored"])
 def forced_form(request, monkeypatch):
+    monkeypatch.setattr(microbatch_sums, "prefers_indexed", lambda rows, num_rows: request.param == "factored")
     monkeypatch.setattr(
         microbatch_sums, "prefers_factors", lambda rows, out_features, in_features: request.param == "factored"
     )
@@ -114,6 +146,12 @@ def test_passes_and_dropped_microbatches(forced_form, clipping, max_grad_norm):
     step_cases.test_several_backward_passes_give_the_mean_over_every_microbatch(clipping, max_grad_norm, 2)
     reliability_cases.test_nan_microbatch_is_dropped_and_the_rest_averaged(clipping, max_grad_norm)
     reliability_cases.test_nan_in_one_of_several_passes_drops_only_that_microbatch()
+
+
+@pytest.mark.parametrize("microbatch_size", [1, 3])
+def test_embeddings(forced_form, microbatch_size):
+    fast_cases.test_model_matches_reference(fast_cases._lm_case, microbatch_size, "mean", "mean")
+    layer_cases.test_layer_matches_reference_fixed("embedding", microbatch_size)
 
 
 def test_tied_weights_twice_in_one_pass(forced_form):

@@ -1,4 +1,4 @@
-"""Embedding: each micro-batch's gradient rows are scattered with one ``index_add_``."""
+"""Embedding: each micro-batch's gradient rows scattered into the table, formed or kept as rows (ghost norms)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
+from mbclip.microbatch_sums import scattered_row_sums
 from mbclip.samplers.registry import LayerCall, batch_to_front, mark_unsupported, register_microbatch_sampler
 
 
@@ -20,12 +21,10 @@ def embedding_sampler(module: nn.Embedding, call: LayerCall, grad_outputs: Seque
     grad_rows = grad_output.reshape(batch_size, -1, module.embedding_dim)
     if module.padding_idx is not None:  # torch gives the padding row no gradient
         grad_rows = grad_rows * (indices != module.padding_idx).unsqueeze(-1).to(grad_rows.dtype)
-    microbatch = call.layout.microbatch_index(indices.device).unsqueeze(1)
-    flat_index = (microbatch * module.num_embeddings + indices).reshape(-1)
-    num_microbatches = call.layout.num_microbatches
-    weight_grad = grad_rows.new_zeros(num_microbatches * module.num_embeddings, module.embedding_dim)
-    weight_grad.index_add_(0, flat_index, grad_rows.reshape(-1, module.embedding_dim))
-    return {module.weight: weight_grad.reshape(num_microbatches, module.num_embeddings, module.embedding_dim)}
+    layout = call.layout
+    rows = layout.group(grad_rows).reshape(layout.num_microbatches, -1, module.embedding_dim)  # [M, b * L, d]
+    grouped_indices = layout.group(indices).reshape(layout.num_microbatches, -1)
+    return {module.weight: scattered_row_sums(rows, grouped_indices, module.num_embeddings)}
 
 
 def check_embedding(module: nn.Embedding) -> Optional[str]:

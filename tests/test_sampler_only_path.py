@@ -190,3 +190,40 @@ def test_unused_output_of_a_first_layer_is_fine():
     assert model.unused.weight.grad is None or not model.unused.weight.grad.any()
     assert_close_update([p.grad for p in model.used.parameters()], expected.update[:2])
 
+
+
+@pytest.mark.parametrize("verify", ["always", "never"])
+def test_two_losses_backpropagated_separately_through_one_forward(verify):
+    """CTC + attention style: two backward calls through one forward (retain_graph) add up, as in autograd."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.MultiheadAttention(8, 2, batch_first=True))
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = model
+
+        def forward(self, x):
+            h = self.body[1](self.body[0](x))
+            return self.body[2](h, h, h)[0]
+
+    encoder = Encoder()
+    x = torch.randn(6, 4, 5)
+
+    def two_losses(m, samples):
+        out = m(x[samples])
+        return out.pow(2).sum(dim=(1, 2)), out.sin().sum(dim=(1, 2))
+
+    expected = reference_update(encoder, lambda m, s: sum(two_losses(m, s)), 6, 2, "fixed", 0.3)
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=encoder,
+        optimizer=torch.optim.SGD(encoder.parameters(), lr=0.1),
+        microbatch_size=2,
+        max_grad_norm=0.3,
+        verify_gradients=verify,
+    )
+    first, second = two_losses(wrapped, slice(None))
+    first.mean().backward(retain_graph=True)
+    second.mean().backward()
+    assert clipped.pre_step()
+    assert_close_update([p.grad for p in encoder.parameters()], expected.update)

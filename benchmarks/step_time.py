@@ -14,7 +14,8 @@ Methods (all with noise 0, max_grad_norm 1, SGD):
                   counterpart of the model (``DPMultiheadAttention`` for attention, ``DPLSTM`` for the LSTM).
 - opacus_ghost:   Opacus ghost clipping (``GradSampleModuleFastGradientClipping``, two backward passes).
 - naive_b{b}:     a Python loop over micro-batches, each run alone through forward and backward, clipped, averaged.
-- mbclip_b{b}:    ``MicroBatchClipping().make_clipped(..., microbatch_size=b)`` with its defaults.
+- mbclip_b{b}:    ``MicroBatchClipping().make_clipped(..., microbatch_size=b)`` with its defaults: the warm-up step is
+                  the checked first step, the timed steps run the sampler-only path (``verify_gradients="first"``).
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` during one step minus what was allocated before it;
 on CPU the peak of torch's CPU allocations during one step (from ``torch.profiler`` memory events,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import check_update
 from mbclip.grad_module import MicroBatchGradSampleModule
-from microbatch_check import check_update
 
 B, T, S, E = 5, 4, 6, 8
 MICROBATCH_SIZES = [1, 2, 3, B]

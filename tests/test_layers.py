@@ -92,6 +92,17 @@ def _case(name):
     if name == "conv3d":
         model = nn.Sequential(nn.Conv3d(2, 3, 2), nn.Flatten(), nn.Linear(3 * 8, 2))
         return model, classification(torch.randn(B, 2, 3, 3, 3), 2)
+    if name == "pointwise_conv":  # 1x1 convolutions are sampled as a Linear over positions
+        model = nn.Sequential(
+            nn.Conv1d(4, 6, 1),
+            nn.SiLU(),
+            nn.Conv1d(6, 6, 1, padding="same", bias=False),
+            nn.Unflatten(2, (3, 3)),
+            nn.Conv2d(6, 3, 1),
+            nn.Flatten(),
+            nn.Linear(3 * 9, 3),
+        )
+        return model, classification(torch.randn(B, 4, 9), 3)
     if name == "embedding":
         model = nn.Sequential(nn.Embedding(11, 5, padding_idx=0), nn.Linear(5, 3))
         tokens = torch.randint(0, 11, (B, 6))
@@ -139,6 +150,7 @@ LAYER_CASES = [
     "conv1d",
     "conv2d",
     "conv3d",
+    "pointwise_conv",
     "embedding",
     "layer_norm",
     "rms_norm",

@@ -152,6 +152,7 @@ def test_passes_and_dropped_microbatches(forced_form, clipping, max_grad_norm):
 def test_embeddings(forced_form, microbatch_size):
     fast_cases.test_model_matches_reference(fast_cases._lm_case, microbatch_size, "mean", "mean")
     layer_cases.test_layer_matches_reference_fixed("embedding", microbatch_size)
+    layer_cases.test_layer_matches_reference_fixed("pointwise_conv", microbatch_size)
 
 
 def test_tied_weights_twice_in_one_pass(forced_form):

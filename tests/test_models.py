@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import check_update
 from mbclip.grad_module import MicroBatchGradSampleModule
 from mbclip.models import LSTMCTC, ConformerCTC, RelPositionMultiHeadAttention, rel_shift
 from mbclip.models.conformer import padding_mask, relative_positional_encoding
-from microbatch_check import check_update
 
 FEATURES, VOCAB = 12, 7
 LENGTHS = torch.tensor([24, 17, 21, 13])  # conformer frames after subsampling: 5, 3, 4, 2

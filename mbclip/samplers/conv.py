@@ -3,7 +3,8 @@
 The weight gradient of a convolution over a batch is a native kernel call. Reshaping the input
 ``[B, C, ...]`` to ``[b, M*C, ...]`` and the output gradient to ``[b, M*O, ...]`` and asking for
 the weight gradient with ``M * groups`` groups gives every micro-batch's weight gradient at once:
-memory M x params, no unfolded patches.
+memory M x params, no unfolded patches. A pointwise (1x1) convolution is a Linear over positions and is
+sampled as one (formed or factored, see ``mbclip.microbatch_sums``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mbclip.microbatch_sums import outer_product_sums
 from mbclip.samplers.registry import LayerCall, register_microbatch_sampler
 
 _WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
@@ -26,19 +28,47 @@ def fold_microbatches_into_channels(tensor: torch.Tensor, call: LayerCall) -> to
     return grouped.reshape((grouped.shape[0], -1) + tuple(grouped.shape[3:]))
 
 
+def is_pointwise(module: nn.Module) -> bool:
+    """A 1x1 convolution without stride, dilation, groups or padding: a Linear over every position."""
+    no_padding = module.padding in ("valid", "same") or all(p == 0 for p in module.padding)
+    return (
+        module.groups == 1
+        and no_padding
+        and all(k == 1 for k in module.kernel_size)
+        and all(s == 1 for s in module.stride)
+        and all(d == 1 for d in module.dilation)
+    )
+
+
+def _positions_as_rows(tensor: torch.Tensor, call: LayerCall) -> torch.Tensor:
+    """``[B, C, *S]`` -> ``[M, b * prod(S), C]``."""
+    rows = tensor.flatten(2).transpose(1, 2)  # [B, prod(S), C]
+    grouped = call.layout.group(rows)
+    return grouped.reshape(grouped.shape[0], -1, grouped.shape[-1])
+
+
 @register_microbatch_sampler(nn.Conv1d, nn.Conv2d, nn.Conv3d, batch_dim=0)
 def conv_sampler(module: nn.Module, call: LayerCall, grad_outputs: Sequence[Optional[torch.Tensor]]) -> Dict:
     grad_output = grad_outputs[0]
     activations = call.input.to(grad_output.dtype)
     if activations.dim() == module.weight.dim() - 1:  # unbatched input is a batch of one
         activations, grad_output = activations.unsqueeze(0), grad_output.unsqueeze(0)
+    result = {}
+    if is_pointwise(module):  # as a Linear: one contraction, or factors for ghost norms (mbclip.microbatch_sums)
+        if module.weight.requires_grad:
+            result[module.weight] = outer_product_sums(
+                _positions_as_rows(grad_output, call), _positions_as_rows(activations, call), module.weight.shape
+            )
+        if module.bias is not None and module.bias.requires_grad:
+            per_sample = grad_output.reshape(grad_output.shape[0], grad_output.shape[1], -1).sum(dim=2)
+            result[module.bias] = call.layout.sum_per_microbatch(per_sample)
+        return result
     padding = module.padding
     if isinstance(padding, str) or module.padding_mode != "zeros":
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         activations = F.pad(activations, module._reversed_padding_repeated_twice, mode=mode)
         padding = 0
     num_microbatches = call.layout.num_microbatches
-    result = {}
     if module.weight.requires_grad:
         weight_grad = _WEIGHT_GRAD[module.weight.dim() - 2](
             fold_microbatches_into_channels(activations, call),

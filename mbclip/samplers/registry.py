@@ -5,7 +5,9 @@ Opacus's hook classes, and writing micro-batch samplers into it would change Opa
 in the process.
 
 A sampler answers one question for one forward call of one layer: the micro-batch SUMS of the
-gradients (of the loss backward saw) of the parameters it owns, each of shape ``[M, *param.shape]``.
+gradients (of the loss backward saw) of the parameters it owns, each a tensor ``[M, *param.shape]`` or,
+when that is cheaper, kept as factors (``mbclip.microbatch_sums``: ``outer_product_sums`` for a weight used
+as ``x @ W.T``, ``scattered_row_sums`` for a table).
 The grad module rescales them into micro-batch gradients (undoing a batch mean's 1/B, dividing by
 the micro-batch size) and the optimizer clips them.
 """
@@ -48,7 +50,7 @@ class LayerCall:
         return self.args[0]
 
 
-# sampler(module, call, grad_outputs) -> {param: micro-batch sums [M, *param.shape]}
+# sampler(module, call, grad_outputs) -> {param: micro-batch sums, [M, *param.shape] or factored}
 # grad_outputs: the gradient of the loss w.r.t. every flattened output leaf, as backward delivers it
 # (``None`` where a leaf got none). For a batch-mean loss it carries the 1/B, which the grad module
 # undoes on the returned sums (samplers are linear in grad_outputs, so nothing else changes).

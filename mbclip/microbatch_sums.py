@@ -78,10 +78,16 @@ class FactoredSums:
         if kept is not None:
             backprops, activations, weights = backprops[kept], activations[kept], weights[:, kept]
         weights = weights.to(device=backprops.device, dtype=backprops.dtype)
+        flat_backprops = backprops.reshape(-1, backprops.shape[-1])
         flat_activations = activations.reshape(-1, activations.shape[-1])
-        sums = [
-            (backprops * row.view(-1, 1, 1)).reshape(-1, backprops.shape[-1]).t() @ flat_activations for row in weights
-        ]
+        sums = []
+        for row in weights:  # each micro-batch's weight scales its rows of the narrower factor
+            if backprops.shape[-1] <= activations.shape[-1]:
+                scaled = (backprops * row.view(-1, 1, 1)).reshape(-1, backprops.shape[-1])
+                sums.append(scaled.t() @ flat_activations)
+            else:
+                scaled = (activations * row.view(-1, 1, 1)).reshape(-1, activations.shape[-1])
+                sums.append(flat_backprops.t() @ scaled)
         return torch.stack(sums).view((weights.shape[0],) + self.shape)
 
     def formed(self) -> torch.Tensor:

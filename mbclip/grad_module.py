@@ -29,7 +29,7 @@ from mbclip.errors import BatchError, ConfigurationError, UnsupportedModuleError
 from mbclip.layers.batchnorm import check_batchnorms, swap_in_batchnorms, swap_out_batchnorms
 from mbclip.layout import MicroBatchLayout
 from mbclip.microbatch_sums import FormedSums, MicroBatchSums, add_sums, as_sums, stack_passes
-from mbclip.output_hooks import on_output_gradients
+from mbclip.output_hooks import InputBoundary, on_output_gradients
 from mbclip.samplers import MICROBATCH_SAMPLERS, UNSUPPORTED_LAYERS, LayerCall, MicroBatchSampler
 from mbclip.samplers.autograd_fallback import autograd_microbatch_sums, infer_batch_dim
 from mbclip.samplers.registry import WATCHED_ATTRIBUTE
@@ -97,6 +97,18 @@ class _Tap(torch.autograd.Function):
 
 def _detach(tree):
     return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
+
+
+def _bounded_inputs(args, kwargs):
+    """``(args, kwargs)`` with every input that requires grad behind an :class:`InputBoundary` (one per tensor
+    object, so ``attention(x, x, x)`` still sees one tensor three times); ``None`` when there is none."""
+    leaves, spec = tree_flatten((args, kwargs))
+    unique = {id(t): t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad}
+    if not unique:
+        return None
+    bounded = dict(zip(unique, InputBoundary.apply(*unique.values())))
+    leaves = [bounded.get(id(t), t) if isinstance(t, torch.Tensor) else t for t in leaves]
+    return tree_unflatten(leaves, spec)
 
 
 def _is_float_tensor(value) -> bool:
@@ -179,9 +191,8 @@ class MicroBatchGradSampleModule(GradSampleModule):
             raise ConfigurationError("this model already carries per-sample gradient hooks; wrap the original model.")
         handles = []
         for layer in self._plan:
-            if layer.sampler is not None:
-                before = partial(self._before_forward, layer=layer)
-                handles.append(layer.module.register_forward_pre_hook(before, with_kwargs=True))
+            before = partial(self._before_forward, layer=layer)
+            handles.append(layer.module.register_forward_pre_hook(before, with_kwargs=True))
             hook = partial(self._on_forward, layer=layer)
             handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
             if layer.sampler is not None and layer.sampler.forward is not None:
@@ -223,6 +234,8 @@ class MicroBatchGradSampleModule(GradSampleModule):
         # parameters whose gradients since the last step came from samplers alone, each with its p.grad (and
         # that tensor's version) when first switched off: autograd must not have touched it by the step
         self.grad_snapshots: Dict[nn.Parameter, Tuple[Optional[torch.Tensor], int]] = {}
+        # sampled parameters that some call of the step left to autograd (their p.grad is autograd's, partly)
+        self.autograd_kept: Dict[nn.Parameter, None] = {}
 
     def current_layout(self) -> Optional[MicroBatchLayout]:
         """The micro-batch layout of the pass being recorded now; ``None`` outside a recorded forward."""
@@ -278,21 +291,26 @@ class MicroBatchGradSampleModule(GradSampleModule):
             batch_dim = infer_batch_dim(first.shape, batch_size, self.batch_first)
         return not (batch_dim is None and sampler is not None), batch_dim
 
-    def _before_forward(self, module: nn.Module, args, kwargs, *, layer: HookedLayer) -> None:
-        """On unchecked steps, switch off autograd's gradients of parameters the sampler computes alone."""
+    def _before_forward(self, module: nn.Module, args, kwargs, *, layer: HookedLayer):
+        """Before a recorded call: switch off the gradients autograd need not compute (unchecked steps), and put a
+        boundary on the inputs of calls that the autograd fallback will differentiate."""
         if self._current_pass is None:
-            return
-        switched: List[nn.Parameter] = []
-        if (
-            not self.check_gradients
-            and self._pass_batch_sizes[self._current_pass] > 0
-            and self._call_batch_dim(layer, args, kwargs)[0]
-            and not (layer.sampler.needs_autograd is not None and layer.sampler.needs_autograd(module, args, kwargs))
-        ):
-            switched = trainable(module)
-            for p in switched:
-                p.requires_grad_(False)
-        self._switched_off.append(switched)
+            return None
+        sampler = layer.sampler
+        uses_autograd = sampler is None or (
+            sampler.needs_autograd is not None and sampler.needs_autograd(module, args, kwargs)
+        )
+        if sampler is not None:
+            switched: List[nn.Parameter] = []
+            if not self.check_gradients and self._pass_batch_sizes[self._current_pass] > 0:
+                if self._call_batch_dim(layer, args, kwargs)[0] and not uses_autograd:
+                    switched = trainable(module)
+                    for p in switched:
+                        p.requires_grad_(False)
+                else:  # this call's gradients go through autograd, so autograd writes p.grad for these parameters
+                    self.autograd_kept.update(dict.fromkeys(trainable(module)))
+            self._switched_off.append(switched)
+        return _bounded_inputs(args, kwargs) if uses_autograd else None
 
     def _on_forward(self, module: nn.Module, args, kwargs, output, *, layer: HookedLayer):
         if self._current_pass is None:

@@ -318,6 +318,8 @@ class MicroBatchOptimizer(DPOptimizer):
         snapshots = self.grad_module.grad_snapshots
         for p in self.params:
             grad = p.grad
+            if p in self.grad_module.autograd_kept:
+                continue  # some call of the step differentiated it with autograd on purpose
             if p in snapshots:
                 before, version = snapshots[p]
                 if grad is None or (grad is before and grad._version == version):

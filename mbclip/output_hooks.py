@@ -36,6 +36,24 @@ def suspended() -> Iterator[None]:
         _state.suspended = previous
 
 
+class InputBoundary(torch.autograd.Function):
+    """Identity on a layer's inputs that the autograd fallback's nested backward does not cross.
+
+    The fallback differentiates a layer's outputs with respect to its parameters through the recorded graph;
+    without a boundary that walk would go on past the layer's inputs and count a parameter's uses *before* the
+    call too (a layer applied twice in a row, weights shared across depth). In the model's own backward it passes
+    gradients through unchanged.
+    """
+
+    @staticmethod
+    def forward(ctx, *tensors: torch.Tensor):
+        return tuple(t.detach() for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return tuple(None if _is_suspended() else g for g in grads)
+
+
 def _is_suspended() -> bool:
     return getattr(_state, "suspended", False)
 

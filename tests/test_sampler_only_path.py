@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import check_update
 from mbclip import MicroBatchClipping
 from reference import assert_close_update, reference_update
 
@@ -227,3 +228,63 @@ def test_two_losses_backpropagated_separately_through_one_forward(verify):
     second.mean().backward()
     assert clipped.pre_step()
     assert_close_update([p.grad for p in encoder.parameters()], expected.update)
+
+
+@pytest.mark.parametrize("verify", ["always", "never"])
+def test_a_layer_recorded_in_one_call_and_differentiated_by_autograd_in_the_next(verify):
+    """One attention layer applied twice in a row: self-attention (recorded, parameters switched off), then
+    cross-attention with dropout (batched autograd, parameters on). The fallback must not count the first call
+    again through its input."""
+    torch.manual_seed(6)
+
+    class TwoCalls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = nn.MultiheadAttention(4, 2, batch_first=True, dropout=0.4)
+
+        def forward(self, x, memory):
+            h = self.attention(x, x, x)[0]
+            return self.attention(h, memory, memory)[0]
+
+    model = TwoCalls()
+    x, memory = torch.randn(6, 3, 4), torch.randn(6, 5, 4)
+
+    def losses(m, samples):
+        torch.manual_seed(9)
+        return m(x[samples], memory[samples]).pow(2).sum(dim=(1, 2))
+
+    expected = reference_update(model, losses, 6, 6, "fixed", 1e9)  # one micro-batch: the same dropout masks
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        microbatch_size=6,
+        max_grad_norm=1e9,
+        verify_gradients=verify,
+    )
+    losses(wrapped, slice(None)).mean().backward()
+    assert clipped.pre_step()
+    assert_close_update([p.grad for p in model.parameters()], expected.update)
+
+
+def test_fallback_layer_applied_twice_in_a_row_counts_each_call_once():
+    """Weights shared across depth through the autograd fallback (raw parameter): each call's own gradient only."""
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+        def forward(self, x):
+            return torch.tanh(x * self.weight)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = Scale()
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.scale(self.scale(x)))
+
+    x = torch.randn(6, 4)
+    check_update(Twice(), lambda m: m(x).pow(2).sum(dim=1), 6, 2)

@@ -20,7 +20,7 @@ from torch import nn
 from mbclip.microbatch_sums import outer_product_sums
 from mbclip.models.conformer import RelPositionMultiHeadAttention, rel_shift
 from mbclip.samplers.linear import grouped_rows
-from mbclip.samplers.registry import LayerCall, register_microbatch_sampler, watch
+from mbclip.samplers.registry import LayerCall, register_microbatch_sampler, watch, watchable
 
 RECORD_ATTRIBUTE = "_mbclip_relpos_record"
 
@@ -33,11 +33,6 @@ class RelPositionRecord:
     context: torch.Tensor  # [B, T, d]: the input of linear_out
 
 
-def _watchable(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor``, made a leaf that requires grad when nothing before it does (the first layer on raw input)."""
-    return tensor if tensor.requires_grad else tensor.detach().requires_grad_()
-
-
 def recording_forward(
     module: RelPositionMultiHeadAttention, x: torch.Tensor, pos_emb: torch.Tensor, pad: torch.Tensor
 ) -> torch.Tensor:
@@ -45,11 +40,11 @@ def recording_forward(
     if not (module.training and torch.is_grad_enabled()):
         return type(module).forward(module, x, pos_emb, pad)
     q = module._heads(module.linear_q(x))
-    k = _watchable(module._heads(module.linear_k(x)).transpose(1, 2))  # [B, H, T, dh]
-    v = _watchable(module._heads(module.linear_v(x)).transpose(1, 2))
+    k = watchable(module._heads(module.linear_k(x)).transpose(1, 2))  # [B, H, T, dh]
+    v = watchable(module._heads(module.linear_v(x)).transpose(1, 2))
     p = module._heads(module.linear_pos(pos_emb.unsqueeze(0))[0]).transpose(1, 2)  # [1, H, 2T-1, dh]
-    q_u = _watchable(q + module.pos_bias_u)
-    q_v = _watchable(q + module.pos_bias_v)
+    q_u = watchable(q + module.pos_bias_u)
+    q_v = watchable(q + module.pos_bias_v)
     content = q_u.transpose(1, 2) @ k.transpose(-2, -1)  # [B, H, T, T]
     raw_position = q_v.transpose(1, 2) @ p.transpose(-2, -1)  # [B, H, T, 2T-1]
     scores = (content + rel_shift(raw_position)) / math.sqrt(module.d_head)

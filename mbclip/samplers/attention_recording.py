@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mbclip.samplers.registry import watch
+from mbclip.samplers.registry import watch, watchable
 
 RECORD_ATTRIBUTE = "_mbclip_attention_context"
 
@@ -38,10 +38,6 @@ def records(module: nn.MultiheadAttention, query, key, value, attn_mask, is_caus
         and not (is_causal and attn_mask is None)  # the class raises for this one
         and (attn_mask is None or attn_mask.dim() in (2, 3))
     )
-
-
-def _watchable(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor.requires_grad else tensor.detach().requires_grad_()
 
 
 def _canonical_attn_mask(attn_mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -65,7 +61,7 @@ def recording_forward(
         return type(module).forward(
             module, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
         )
-    # nn.MultiheadAttention.forward
+    # nn.MultiheadAttention.forward (F.multi_head_attention_forward canonicalises again: a no-op on these)
     key_padding_mask = F._canonical_mask(
         mask=key_padding_mask,
         mask_name="key_padding_mask",
@@ -73,40 +69,17 @@ def recording_forward(
         other_name="attn_mask",
         target_type=query.dtype,
     )
-    attn_mask = F._canonical_mask(
-        mask=attn_mask,
-        mask_name="attn_mask",
-        other_type=None,
-        other_name="",
-        target_type=query.dtype,
-        check_other=False,
-    )
+    attn_mask = _canonical_attn_mask(attn_mask, query.dtype)
     x = query.transpose(1, 0) if module.batch_first else query
     # F.multi_head_attention_forward, self-attention with a packed in-projection
     tgt_len, bsz, embed_dim = x.shape
     num_heads = module.num_heads
     head_dim = embed_dim // num_heads
-    key_padding_mask = F._canonical_mask(
-        mask=key_padding_mask,
-        mask_name="key_padding_mask",
-        other_type=F._none_or_dtype(attn_mask),
-        other_name="attn_mask",
-        target_type=x.dtype,
-    )
     if is_causal and key_padding_mask is None and not need_weights:
-        attn_mask = None
-    else:
-        attn_mask = F._canonical_mask(
-            mask=attn_mask,
-            mask_name="attn_mask",
-            other_type=None,
-            other_name="",
-            target_type=x.dtype,
-            check_other=False,
-        )
-        if key_padding_mask is not None:
-            is_causal = False
-    projected = _watchable(F.linear(x, module.in_proj_weight, module.in_proj_bias))  # [T, B, 3E]
+        attn_mask = None  # SDPA takes the causal hint instead
+    elif key_padding_mask is not None:
+        is_causal = False  # the padding is merged into the mask, which is no longer causal
+    projected = watchable(F.linear(x, module.in_proj_weight, module.in_proj_bias))  # [T, B, 3E]
     # watched: [3, T, B, E], alive anyway (attention saves its q, k, v views), unlike the projection itself
     packed = projected.unflatten(-1, (3, embed_dim)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
     del projected

@@ -3,7 +3,9 @@
 When the gradient of a layer's outputs arrives, one ``torch.autograd.grad(..., is_grads_batched=True)``
 call walks the layer's own, still-recorded graph once per micro-batch (vectorised by vmap), with the
 output gradient masked to that micro-batch's samples. Nothing is re-run: dropout masks, keyword
-arguments and raw ``nn.Parameter``s used anywhere in the layer's forward are all covered exactly.
+arguments and raw ``nn.Parameter``s used anywhere in the layer's forward are all covered exactly. The
+walk stops at the call's inputs (``output_hooks.InputBoundary``), so a parameter also used before the call
+(a layer applied twice in a row) is counted once per call.
 The cost is ``M`` vector-Jacobian products through the layer, so registered samplers stay faster.
 """
 

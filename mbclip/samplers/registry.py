@@ -133,6 +133,12 @@ def watch(output: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
     setattr(output, WATCHED_ATTRIBUTE, list(tensors))
 
 
+def watchable(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a leaf copy of it that requires grad when nothing before it does (a layer on raw input whose
+    parameters are switched off): what a recording forward watches and computes on."""
+    return tensor if tensor.requires_grad else tensor.detach().requires_grad_()
+
+
 def batch_to_front(tensor: torch.Tensor, batch_dim: Optional[int]) -> torch.Tensor:
     """Move the batch dimension of ``tensor`` to dim 0."""
     if batch_dim in (None, 0):

@@ -297,10 +297,10 @@ def test_unwrap_refuses_what_make_clipped_did_not_return():
 AUTOCAST_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
-def float32_update(autocast_dtype=None):
+def float32_update(autocast_dtype=None, verify="always"):
     model = small_model(dtype=torch.float32)
     x, y = small_data(12, dtype=torch.float32)
-    wrapped, optimizer = wrap(model, momentum=0.0)
+    wrapped, optimizer = wrap(model, momentum=0.0, verify_gradients=verify)
     optimizer.zero_grad()
     with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
         loss = ((wrapped(x).float() - y) ** 2).sum(dim=1).mean()
@@ -310,9 +310,10 @@ def float32_update(autocast_dtype=None):
 
 
 @pytest.mark.parametrize("dtype", list(AUTOCAST_TOLERANCE))
-def test_autocast_matches_float32_with_norms_in_float32(dtype):
+@pytest.mark.parametrize("verify", ["always", "never"])
+def test_autocast_matches_float32_with_norms_in_float32(dtype, verify):
     expected, _ = float32_update()
-    actual, step = float32_update(dtype)
+    actual, step = float32_update(dtype, verify)
     assert all(g.dtype == torch.float32 for g in actual)
     assert step.microbatch_norms.dtype == torch.float32
     assert_close_update(actual, expected, rtol=AUTOCAST_TOLERANCE[dtype])

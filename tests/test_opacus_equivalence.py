@@ -36,7 +36,7 @@ def _step_opacus(model, x, y, noise, loss_reduction, seed):
     return [p.grad.clone() for p in model.parameters()]
 
 
-def _step_mbclip(model, x, y, noise, loss_reduction, seed):
+def _step_mbclip(model, x, y, noise, loss_reduction, seed, verify="first"):
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     module, clipped, _ = MicroBatchClipping().make_clipped(
         module=model,
@@ -45,6 +45,7 @@ def _step_mbclip(model, x, y, noise, loss_reduction, seed):
         max_grad_norm=0.1,
         noise_multiplier=noise,
         loss_reduction=loss_reduction,
+        verify_gradients=verify,
     )
     clipped.zero_grad()
     F.cross_entropy(module(x), y, reduction=loss_reduction).backward()
@@ -54,11 +55,12 @@ def _step_mbclip(model, x, y, noise, loss_reduction, seed):
 
 
 @pytest.mark.parametrize("noise", [0.0, 1.3])
-def test_b1_equals_opacus_update(noise):
+@pytest.mark.parametrize("verify", ["first", "never"])
+def test_b1_equals_opacus_update(noise, verify):
     model = _model()
     x, y = torch.randn(B, 3, 7), torch.randint(0, 3, (B,))
     expected = _step_opacus(copy.deepcopy(model), x, y, noise, "mean", seed=5)
-    actual = _step_mbclip(copy.deepcopy(model), x, y, noise, "mean", seed=5)
+    actual = _step_mbclip(copy.deepcopy(model), x, y, noise, "mean", seed=5, verify=verify)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-13)
 
@@ -79,4 +81,4 @@ def test_opacus_keeps_working_beside_mbclip():
     model = _model()
     _step_mbclip(model, torch.randn(B, 3, 7), torch.randint(0, 3, (B,)), 0.0, "mean", seed=0)
     assert GradSampleModule.GRAD_SAMPLERS == before
-    test_b1_equals_opacus_update(0.0)
+    test_b1_equals_opacus_update(0.0, "first")

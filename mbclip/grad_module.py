@@ -82,17 +82,23 @@ def plan_hooks(model: nn.Module) -> List[HookedLayer]:
     return plan
 
 
-class _Tap(torch.autograd.Function):
-    """Identity that makes its outputs require grad, so that a layer whose parameters are switched off
-    and whose input needs no gradient (the first layer) still receives its output gradient."""
+class _Keep(torch.autograd.Function):
+    """Identity on a sampled layer's outputs that holds the call's input tensors as saved tensors.
+
+    Autograd then frees them right after the layer's backward (unless the graph is retained, for a second
+    backward), checks that nothing changed them in place since the forward, and the outputs require grad
+    even when the layer's parameters are switched off and its input needs no gradient (the first layer).
+    """
 
     @staticmethod
-    def forward(ctx, anchor: torch.Tensor, *tensors: torch.Tensor):
-        return tuple(t.detach() for t in tensors)
+    def forward(ctx, anchor: torch.Tensor, num_kept: int, *tensors: torch.Tensor):
+        ctx.num_kept = num_kept
+        ctx.save_for_backward(*tensors[:num_kept])
+        return tuple(t.detach() for t in tensors[num_kept:])
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, *grads)
+        return (None, None) + (None,) * ctx.num_kept + grads
 
 
 def _detach(tree):
@@ -320,25 +326,35 @@ class MicroBatchGradSampleModule(GradSampleModule):
             p.requires_grad_(True)
         batch_size = self._pass_batch_sizes[self._current_pass]
         leaves, spec = tree_flatten(output)
-        hooked_leaves = leaves
-        if switched:  # outputs that needed no grad only because the parameters were off: tap them
-            untapped = [i for i, t in enumerate(leaves) if _is_float_tensor(t) and not t.requires_grad]
-            if untapped:
-                tapped = _Tap.apply(self._anchor(leaves[untapped[0]]), *[leaves[i] for i in untapped])
-                hooked_leaves = list(leaves)
-                for i, t in zip(untapped, tapped):
-                    hooked_leaves[i] = t
-                output = tree_unflatten(hooked_leaves, spec)
-            for p in switched:
-                if p not in self.grad_snapshots:
-                    self.grad_snapshots[p] = (p.grad, p.grad._version if p.grad is not None else 0)
-        replaced = output if hooked_leaves is not leaves else None  # what the forward hook returns
-        needs_grad = [i for i, t in enumerate(hooked_leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
-        if batch_size == 0 or not needs_grad:
-            return replaced
+        for p in switched:
+            if p not in self.grad_snapshots:
+                self.grad_snapshots[p] = (p.grad, p.grad._version if p.grad is not None else 0)
         sampler = layer.sampler
+        # Outputs that need a gradient (or needed none only because the parameters were off) go through _Keep,
+        # which holds the call's inputs for the sampler with autograd's lifetime. Recorded layers (watched
+        # intermediates, delivered after the layer's backward) and the fallback keep their inputs themselves.
+        watched = getattr(leaves[0], WATCHED_ATTRIBUTE, ()) if leaves and sampler is not None else ()
+        kept_by_node = sampler is not None and not watched
+        routed = [
+            i
+            for i, t in enumerate(leaves)
+            if _is_float_tensor(t) and (t.requires_grad or switched) and (kept_by_node or not t.requires_grad)
+        ]
+        if batch_size == 0 or not (routed or any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves)):
+            return None
         batched, batch_dim = self._call_batch_dim(layer, args, kwargs)
-        if not batched:
+        input_leaves, input_spec = tree_flatten((tuple(args), dict(kwargs)))
+        kept = [i for i, t in enumerate(input_leaves) if isinstance(t, torch.Tensor)] if kept_by_node else []
+        hooked_leaves = list(leaves)
+        if routed:
+            kept_inputs = [input_leaves[i] for i in kept]
+            to_route = [leaves[i] for i in routed]
+            outputs = _Keep.apply(self._anchor(to_route[0]), len(kept), *kept_inputs, *to_route)
+            for i, t in zip(routed, outputs):
+                hooked_leaves[i] = t
+        replaced = tree_unflatten(hooked_leaves, spec) if routed else None  # what the forward hook returns
+        needs_grad = [i for i, t in enumerate(hooked_leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not needs_grad or not batched:
             return replaced
         if sampler is not None:
             params = trainable(module)
@@ -347,16 +363,19 @@ class MicroBatchGradSampleModule(GradSampleModule):
             params = list(dict.fromkeys(params))
         for p in params:
             self._claimed[p] = self._current_pass
+        keep_node = hooked_leaves[routed[0]].grad_fn if kept else None
         call = LayerCall(
-            args=_detach(tuple(args)),
-            kwargs=_detach(dict(kwargs)),
+            args=() if keep_node is not None else _detach(tuple(args)),
+            kwargs={} if keep_node is not None else _detach(dict(kwargs)),
             layout=MicroBatchLayout(batch_size, self.microbatch_size),
             batch_dim=batch_dim,
             batch_first=self.batch_first,
             pass_index=self._current_pass,
             outputs=leaves if (sampler is None or sampler.keep_outputs) else (),
         )
-        watched = getattr(leaves[0], WATCHED_ATTRIBUTE, ()) if leaves and sampler is not None else ()
+        if keep_node is not None:  # the tensors themselves live in the node only (None in the template)
+            template = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in input_leaves]
+            call.extra["inputs_from"] = (keep_node, template, input_spec, kept)
         on_grads = partial(self._on_output_grads, module, layer, call, params, needs_grad, len(leaves))
         on_output_gradients([hooked_leaves[i] for i in needs_grad], on_grads, watched)
         return replaced
@@ -393,10 +412,14 @@ class MicroBatchGradSampleModule(GradSampleModule):
                     if layer.sampler is not None:
                         grad = grad.float()
                 grad_outputs[index] = grad.detach()
+        if "inputs_from" in call.extra:
+            call.args, call.kwargs = self._saved_inputs(layer, *call.extra["inputs_from"])
         if layer.sampler is not None:
             sums = layer.sampler.fn(module, call, grad_outputs)
         else:  # its nested autograd call runs with every output hook suspended (output_hooks.suspended)
             sums = autograd_microbatch_sums(module, call, grad_outputs, params)
+        if "inputs_from" in call.extra:
+            call.args, call.kwargs = (), {}  # autograd owns them: freed after this backward unless retained
         for param, microbatch_sums in sums.items():
             if microbatch_sums is None:
                 continue
@@ -406,6 +429,22 @@ class MicroBatchGradSampleModule(GradSampleModule):
                 per_pass[call.pass_index] = add_sums(per_pass[call.pass_index], microbatch_sums)
             else:
                 per_pass[call.pass_index] = microbatch_sums
+
+    @staticmethod
+    def _saved_inputs(layer: HookedLayer, node, input_leaves, input_spec, kept):
+        """The call's ``(args, kwargs)`` back from the _Keep node's saved tensors (detached)."""
+        try:
+            saved = node.saved_tensors
+        except RuntimeError as error:
+            raise BatchError(
+                f"an input of layer '{layer.name or 'the model itself'}' was changed in place after the layer ran "
+                f"({error}). mbclip needs the layer's inputs as they were for its micro-batch gradients: make the "
+                "later operation out of place (e.g. torch.relu(x) instead of x.relu_())."
+            ) from error
+        leaves = list(input_leaves)
+        for i, tensor in zip(kept, saved):
+            leaves[i] = tensor.detach()
+        return tree_unflatten(leaves, input_spec)
 
     # -- what the optimizer reads --------------------------------------------------------------
 

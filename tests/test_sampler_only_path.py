@@ -288,3 +288,62 @@ def test_fallback_layer_applied_twice_in_a_row_counts_each_call_once():
 
     x = torch.randn(6, 4)
     check_update(Twice(), lambda m: m(x).pow(2).sum(dim=1), 6, 2)
+
+
+@pytest.mark.parametrize("verify", ["always", "never"])
+def test_input_changed_in_place_after_the_layer_is_an_error_not_a_wrong_gradient(verify):
+    """The layer's input is needed as it was; an in-place change after the layer must not go unnoticed."""
+
+    class Overwrites(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Linear(4, 4)
+            self.second = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.first(x))
+            out = self.second(h)
+            h.mul_(2.0)  # changes the second layer's input after it ran
+            return out
+
+    model = Overwrites()
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        microbatch_size=2,
+        max_grad_norm=1.0,
+        verify_gradients=verify,
+    )
+    with pytest.raises(RuntimeError, match="modified by an inplace operation|changed in place"):
+        wrapped(torch.randn(4, 4)).pow(2).mean().backward()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_inputs_are_released_during_backward():
+    """Held by autograd, not by mbclip: a layer's input is freed once backward is past the layer, as in plain
+    training, not kept until backward ends."""
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        microbatch_size=4,  # one micro-batch: formed sums, which need no activations after the sampler ran
+        max_grad_norm=1.0,
+        verify_gradients="never",
+    )
+    second_input, alive_when_first_layer_reached = [], []
+    model[1].register_forward_hook(lambda m, a, out: second_input.append(weakref.ref(out)))
+
+    def on_first_output(module, args, out):
+        def check(grad):
+            gc.collect()
+            alive_when_first_layer_reached.append(second_input[0]() is not None)
+
+        out.register_hook(check)
+
+    model[0].register_forward_hook(on_first_output)
+    wrapped(torch.randn(64, 4)).pow(2).mean().backward()
+    assert alive_when_first_layer_reached == [False]
+    assert clipped.pre_step()

@@ -355,6 +355,9 @@ class MicroBatchOptimizer(DPOptimizer):
             "format": STATE_FORMAT,
             "settings": self._settings(),
             "noise_generator_state": None if self.generator is None else self.generator.get_state(),
+            # with verify_gradients="first": the first step was checked, so a resumed run goes on unchecked
+            # (the same computations as the run that never stopped)
+            "first_step_checked": not self.grad_module.check_gradients,
         }
         return state
 
@@ -378,6 +381,8 @@ class MicroBatchOptimizer(DPOptimizer):
         generator_state = saved.get("noise_generator_state") if saved is not None else None
         if generator_state is not None and self.generator is not None:
             self.generator.set_state(generator_state)
+        if saved is not None and saved.get("first_step_checked") is True and self.verify_gradients == "first":
+            self.grad_module.check_gradients = False
         self.grad_module._reset_passes()
         self._grads_replaced = False
 

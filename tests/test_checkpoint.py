@@ -81,6 +81,22 @@ def test_resume_is_bit_exact(name):
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed))
 
 
+def test_resumed_run_goes_on_unchecked_after_the_first_step_was_checked():
+    """The resumed run takes the same path as the run that never stopped (verify_gradients="first")."""
+    engine, wrapped, clipped, loader = build("clipped")
+    assert wrapped.check_gradients
+    checkpoint_before_any_step = clipped.state_dict()
+    train_epoch(wrapped, clipped, loader)
+    assert not wrapped.check_gradients
+    checkpoint = clipped.state_dict()
+
+    engine, wrapped, clipped, loader = build("clipped")
+    clipped.load_state_dict(checkpoint_before_any_step)
+    assert wrapped.check_gradients  # nothing was checked yet: the first step after loading is checked
+    clipped.load_state_dict(checkpoint)
+    assert not wrapped.check_gradients
+
+
 def test_dp_epsilon_continues_from_the_checkpoint():
     torch.manual_seed(0)
     engine, wrapped, clipped, loader = build("dp")

@@ -11,6 +11,18 @@ from mbclip import MicroBatchClipping
 from reference import assert_close_update, reference_update
 
 
+def wrap(model, *, microbatch_size, max_grad_norm, verify_gradients="first", params=None):
+    """``make_clipped`` with SGD over ``params`` (default: the model's parameters)."""
+    optimizer = torch.optim.SGD(model.parameters() if params is None else params, lr=0.1)
+    return MicroBatchClipping().make_clipped(
+        module=model,
+        optimizer=optimizer,
+        microbatch_size=microbatch_size,
+        max_grad_norm=max_grad_norm,
+        verify_gradients=verify_gradients,
+    )
+
+
 def _model():
     return nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.LayerNorm(6), nn.Linear(6, 3))
 
@@ -47,13 +59,7 @@ def test_second_step_skips_autograd_weight_gradients_and_matches_reference():
 def test_always_checks_every_step():
     model = _model()
     x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
-    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        microbatch_size=2,
-        max_grad_norm=1.0,
-        verify_gradients=True,
-    )
+    wrapped, clipped, _ = wrap(model, microbatch_size=2, max_grad_norm=1.0, verify_gradients=True)
     for _ in range(2):
         clipped.zero_grad()
         _losses(x, y)(wrapped, slice(None)).mean().backward()
@@ -81,13 +87,7 @@ def test_forward_that_raises_gives_requires_grad_back():
             return self.inner(x)
 
     model = Outer()
-    wrapped, _, _ = MicroBatchClipping().make_clipped(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        microbatch_size=2,
-        max_grad_norm=1.0,
-        verify_gradients="never",
-    )
+    wrapped, _, _ = wrap(model, microbatch_size=2, max_grad_norm=1.0, verify_gradients="never")
     with pytest.raises(RuntimeError, match="user error mid-forward"):
         wrapped(torch.randn(4, 4))
     assert all(p.requires_grad for p in model.parameters())
@@ -99,13 +99,7 @@ def test_frozen_parameters_stay_frozen():
     model[0].bias.requires_grad_(False)
     x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model,
-        optimizer=torch.optim.SGD(trainable, lr=0.1),
-        microbatch_size=2,
-        max_grad_norm=1.0,
-        verify_gradients="never",
-    )
+    wrapped, clipped, _ = wrap(model, microbatch_size=2, max_grad_norm=1.0, verify_gradients="never", params=trainable)
     _losses(x, y)(wrapped, slice(None)).mean().backward()
     assert not model[0].bias.requires_grad and model[0].bias.grad is None
     assert clipped.pre_step()
@@ -119,13 +113,7 @@ def test_inputs_that_need_grad_still_get_it():
     expected_x = x.clone().requires_grad_()
     nn.functional.cross_entropy(model(expected_x), y).backward()
     model.zero_grad()
-    wrapped, _, _ = MicroBatchClipping().make_clipped(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        microbatch_size=2,
-        max_grad_norm=1.0,
-        verify_gradients="never",
-    )
+    wrapped, _, _ = wrap(model, microbatch_size=2, max_grad_norm=1.0, verify_gradients="never")
     actual_x = x.clone().requires_grad_()
     nn.functional.cross_entropy(wrapped(actual_x), y).backward()
     torch.testing.assert_close(actual_x.grad, expected_x.grad, rtol=1e-12, atol=1e-15)
@@ -151,13 +139,7 @@ def test_tied_weights_of_two_sampled_layers_add_up():
         return nn.functional.cross_entropy(logits.transpose(1, 2), targets[samples], reduction="none").mean(dim=1)
 
     expected = reference_update(model, losses, 6, 2, "fixed", 0.2)
-    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        microbatch_size=2,
-        max_grad_norm=0.2,
-        verify_gradients="never",
-    )
+    wrapped, clipped, _ = wrap(model, microbatch_size=2, max_grad_norm=0.2, verify_gradients="never")
     losses(wrapped, slice(None)).mean().backward()
     assert clipped.pre_step()
     assert_close_update([p.grad for p in model.parameters()], expected.update)
@@ -179,18 +161,11 @@ def test_unused_output_of_a_first_layer_is_fine():
     model = TwoHeads()
     x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
     expected = reference_update(model, _losses(x, y), 4, 2, "fixed", 0.3)
-    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        microbatch_size=2,
-        max_grad_norm=0.3,
-        verify_gradients="never",
-    )
+    wrapped, clipped, _ = wrap(model, microbatch_size=2, max_grad_norm=0.3, verify_gradients="never")
     _losses(x, y)(wrapped, slice(None)).mean().backward()
     assert clipped.pre_step()
     assert model.unused.weight.grad is None or not model.unused.weight.grad.any()
     assert_close_update([p.grad for p in model.used.parameters()], expected.update[:2])
-
 
 
 @pytest.mark.parametrize("verify", ["always", "never"])
@@ -216,13 +191,7 @@ def test_two_losses_backpropagated_separately_through_one_forward(verify):
         return out.pow(2).sum(dim=(1, 2)), out.sin().sum(dim=(1, 2))
 
     expected = reference_update(encoder, lambda m, s: sum(two_losses(m, s)), 6, 2, "fixed", 0.3)
-    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=encoder,
-        optimizer=torch.optim.SGD(encoder.parameters(), lr=0.1),
-        microbatch_size=2,
-        max_grad_norm=0.3,
-        verify_gradients=verify,
-    )
+    wrapped, clipped, _ = wrap(encoder, microbatch_size=2, max_grad_norm=0.3, verify_gradients=verify)
     first, second = two_losses(wrapped, slice(None))
     first.mean().backward(retain_graph=True)
     second.mean().backward()
@@ -254,13 +223,7 @@ def test_a_layer_recorded_in_one_call_and_differentiated_by_autograd_in_the_next
         return m(x[samples], memory[samples]).pow(2).sum(dim=(1, 2))
 
     expected = reference_update(model, losses, 6, 6, "fixed", 1e9)  # one micro-batch: the same dropout masks
-    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        microbatch_size=6,
-        max_grad_norm=1e9,
-        verify_gradients=verify,
-    )
+    wrapped, clipped, _ = wrap(model, microbatch_size=6, max_grad_norm=1e9, verify_gradients=verify)
     losses(wrapped, slice(None)).mean().backward()
     assert clipped.pre_step()
     assert_close_update([p.grad for p in model.parameters()], expected.update)
@@ -307,13 +270,7 @@ def test_input_changed_in_place_after_the_layer_is_an_error_not_a_wrong_gradient
             return out
 
     model = Overwrites()
-    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        microbatch_size=2,
-        max_grad_norm=1.0,
-        verify_gradients=verify,
-    )
+    wrapped, clipped, _ = wrap(model, microbatch_size=2, max_grad_norm=1.0, verify_gradients=verify)
     with pytest.raises(RuntimeError, match="modified by an inplace operation|changed in place"):
         wrapped(torch.randn(4, 4)).pow(2).mean().backward()
     assert all(p.requires_grad for p in model.parameters())
@@ -326,13 +283,7 @@ def test_inputs_are_released_during_backward():
     import weakref
 
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
-    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        microbatch_size=4,  # one micro-batch: formed sums, which need no activations after the sampler ran
-        max_grad_norm=1.0,
-        verify_gradients="never",
-    )
+    wrapped, clipped, _ = wrap(model, microbatch_size=4, max_grad_norm=1.0, verify_gradients="never")
     second_input, alive_when_first_layer_reached = [], []
     model[1].register_forward_hook(lambda m, a, out: second_input.append(weakref.ref(out)))
 

@@ -343,6 +343,8 @@ class MicroBatchGradSampleModule(GradSampleModule):
         if batch_size == 0 or not (routed or any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves)):
             return None
         batched, batch_dim = self._call_batch_dim(layer, args, kwargs)
+        if not batched:  # a sampled layer on a tensor without the batch: the enclosing layer covers it
+            return None
         input_leaves, input_spec = tree_flatten((tuple(args), dict(kwargs)))
         kept = [i for i, t in enumerate(input_leaves) if isinstance(t, torch.Tensor)] if kept_by_node else []
         hooked_leaves = list(leaves)
@@ -354,7 +356,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
                 hooked_leaves[i] = t
         replaced = tree_unflatten(hooked_leaves, spec) if routed else None  # what the forward hook returns
         needs_grad = [i for i, t in enumerate(hooked_leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
-        if not needs_grad or not batched:
+        if not needs_grad:
             return replaced
         if sampler is not None:
             params = trainable(module)

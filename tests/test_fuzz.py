@@ -68,20 +68,25 @@ def test_make_clipped_refuses_with_mbclip_errors_and_leaves_the_model_alone(chan
     extra_dims=st.lists(st.integers(1, 3), max_size=1),
     dtype=st.sampled_from([torch.float32, torch.float32, torch.float64, torch.int64]),
     microbatch_size=st.integers(1, 4),
+    verify=st.sampled_from(["first", "never"]),
 )
-def test_step_with_odd_inputs_either_works_or_fails_clearly(batch, features, extra_dims, dtype, microbatch_size):
+def test_step_with_odd_inputs_either_works_or_fails_clearly(
+    batch, features, extra_dims, dtype, microbatch_size, verify
+):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model, optimizer=optimizer, microbatch_size=microbatch_size, max_grad_norm=1.0
+        module=model, optimizer=optimizer, microbatch_size=microbatch_size, max_grad_norm=1.0, verify_gradients=verify
     )
     x = torch.ones([batch, *extra_dims, features]).to(dtype)
     clipped.zero_grad()
     try:
         output = wrapped(x)
     except (RuntimeError, ValueError, TypeError):
-        return  # the model itself refuses the input, as it would unwrapped: torch's own error is the right one
+        # the model itself refuses the input, as it would unwrapped: torch's own error is the right one
+        assert all(p.requires_grad for p in model.parameters())  # nothing left switched off
+        return
     output.float().pow(2).mean().backward()
     clipped.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -17,9 +17,8 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from mbclip.microbatch_sums import outer_product_sums
 from mbclip.models.conformer import RelPositionMultiHeadAttention, rel_shift
-from mbclip.samplers.linear import grouped_rows
+from mbclip.samplers.linear import grouped_rows, linear_layer_sums
 from mbclip.samplers.registry import LayerCall, register_microbatch_sampler, watch, watchable
 
 RECORD_ATTRIBUTE = "_mbclip_relpos_record"
@@ -76,11 +75,9 @@ def relpos_attention_sampler(
     result: Dict[nn.Parameter, torch.Tensor] = {}
 
     def linear(layer: nn.Linear, d_out: torch.Tensor, inputs: torch.Tensor) -> None:
-        grouped = grouped_rows(d_out, call)
-        if layer.weight.requires_grad:
-            result[layer.weight] = outer_product_sums(grouped, grouped_rows(inputs, call))
-        if layer.bias is not None and layer.bias.requires_grad:
-            result[layer.bias] = grouped.sum(dim=1)
+        result.update(
+            linear_layer_sums(layer.weight, layer.bias, grouped_rows(d_out, call), grouped_rows(inputs, call))
+        )
 
     linear(module.linear_q, d_q, x)
     linear(module.linear_k, d_k, x)

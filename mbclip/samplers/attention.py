@@ -33,7 +33,7 @@ from mbclip.microbatch_sums import outer_product_sums
 from mbclip.output_hooks import suspended
 from mbclip.samplers.attention_recording import RECORD_ATTRIBUTE, recording_forward, records
 from mbclip.samplers.autograd_fallback import autograd_microbatch_sums
-from mbclip.samplers.linear import grouped_rows
+from mbclip.samplers.linear import grouped_rows, linear_layer_sums
 from mbclip.samplers.registry import LayerCall, register_microbatch_sampler
 
 _FORWARD_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
@@ -167,10 +167,7 @@ def _recorded_sums(
 
 def _parameter_sums(module, in_weight, in_bias, grouped_out, grouped_context) -> Dict[nn.Parameter, torch.Tensor]:
     """The four parameters' sums from the in-projection's (lazily computed) and the out-projection's factors."""
-    candidates = [
-        (module.in_proj_weight, in_weight),
-        (module.in_proj_bias, in_bias),
-        (module.out_proj.weight, lambda: outer_product_sums(grouped_out, grouped_context)),
-        (module.out_proj.bias, lambda: grouped_out.sum(dim=1)),
-    ]
-    return {param: compute() for param, compute in candidates if param is not None and param.requires_grad}
+    candidates = [(module.in_proj_weight, in_weight), (module.in_proj_bias, in_bias)]
+    result = {param: compute() for param, compute in candidates if param is not None and param.requires_grad}
+    result.update(linear_layer_sums(module.out_proj.weight, module.out_proj.bias, grouped_out, grouped_context))
+    return result

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mbclip.microbatch_sums import outer_product_sums
+from mbclip.samplers.linear import linear_layer_sums
 from mbclip.samplers.registry import LayerCall, register_microbatch_sampler
 
 _WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
@@ -55,14 +55,8 @@ def conv_sampler(module: nn.Module, call: LayerCall, grad_outputs: Sequence[Opti
         activations, grad_output = activations.unsqueeze(0), grad_output.unsqueeze(0)
     result = {}
     if is_pointwise(module):  # as a Linear: one contraction, or factors for ghost norms (mbclip.microbatch_sums)
-        if module.weight.requires_grad:
-            result[module.weight] = outer_product_sums(
-                _positions_as_rows(grad_output, call), _positions_as_rows(activations, call), module.weight.shape
-            )
-        if module.bias is not None and module.bias.requires_grad:
-            per_sample = grad_output.reshape(grad_output.shape[0], grad_output.shape[1], -1).sum(dim=2)
-            result[module.bias] = call.layout.sum_per_microbatch(per_sample)
-        return result
+        rows = (_positions_as_rows(grad_output, call), _positions_as_rows(activations, call))
+        return linear_layer_sums(module.weight, module.bias, *rows, module.weight.shape)
     padding = module.padding
     if isinstance(padding, str) or module.padding_mode != "zeros":
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode

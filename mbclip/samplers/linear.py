@@ -21,16 +21,29 @@ def grouped_rows(tensor: torch.Tensor, call: LayerCall) -> torch.Tensor:
     return grouped.reshape(grouped.shape[0], -1, grouped.shape[-1])
 
 
+def linear_layer_sums(
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    backprops: torch.Tensor,
+    activations: torch.Tensor,
+    shape: Optional[Sequence[int]] = None,
+) -> Dict[nn.Parameter, object]:
+    """Sums of a layer computing ``x @ W.T + b`` from grouped rows ``[M, n, out]`` and ``[M, n, in]``.
+
+    Every Linear-like use shares it: nn.Linear, pointwise convolutions and the projections inside attention.
+    """
+    result = {}
+    if weight.requires_grad:
+        result[weight] = outer_product_sums(backprops, activations, shape)
+    if bias is not None and bias.requires_grad:
+        result[bias] = backprops.sum(dim=1)
+    return result
+
+
 @register_microbatch_sampler(nn.Linear)
 def linear_sampler(
     module: nn.Linear, call: LayerCall, grad_outputs: Sequence[Optional[torch.Tensor]]
 ) -> Dict[nn.Parameter, torch.Tensor]:
     grad_output = grad_outputs[0]
     activations = grouped_rows(call.input.to(grad_output.dtype), call)
-    backprops = grouped_rows(grad_output, call)
-    result = {}
-    if module.weight.requires_grad:
-        result[module.weight] = outer_product_sums(backprops, activations)
-    if module.bias is not None and module.bias.requires_grad:
-        result[module.bias] = backprops.sum(dim=1)
-    return result
+    return linear_layer_sums(module.weight, module.bias, grouped_rows(grad_output, call), activations)

@@ -46,10 +46,21 @@ class HookedLayer:
     name: str
     module: nn.Module
     sampler: Optional[MicroBatchSampler]
+    # the layer's parameters (all, and its own without children's), listed once: module.parameters() walks
+    # the module tree, too slow to repeat at every call
+    parameters: Tuple[nn.Parameter, ...] = ()
+    own_parameters: Tuple[nn.Parameter, ...] = ()
+
+    def trainable(self, recurse: bool = True) -> List[nn.Parameter]:
+        return [p for p in (self.parameters if recurse else self.own_parameters) if p.requires_grad]
 
 
 def trainable(module: nn.Module, recurse: bool = True) -> List[nn.Parameter]:
     return [p for p in module.parameters(recurse=recurse) if p.requires_grad]
+
+
+def _parameters_of(module: nn.Module) -> Tuple[Tuple[nn.Parameter, ...], Tuple[nn.Parameter, ...]]:
+    return tuple(module.parameters()), tuple(module.parameters(recurse=False))
 
 
 def plan_hooks(model: nn.Module) -> List[HookedLayer]:
@@ -71,10 +82,10 @@ def plan_hooks(model: nn.Module) -> List[HookedLayer]:
             reason = sampler.check(module) if sampler.check else None
             if reason:
                 raise UnsupportedModuleError(f"layer '{label}' ({module_type.__name__}) cannot be sampled: {reason}")
-            plan.append(HookedLayer(name, module, sampler))
+            plan.append(HookedLayer(name, module, sampler, *_parameters_of(module)))
             return
         if trainable(module, recurse=False):
-            plan.append(HookedLayer(name, module, None))
+            plan.append(HookedLayer(name, module, None, *_parameters_of(module)))
         for child_name, child in module.named_children():
             visit(f"{name}.{child_name}" if name else child_name, child)
 
@@ -310,11 +321,11 @@ class MicroBatchGradSampleModule(GradSampleModule):
             switched: List[nn.Parameter] = []
             if not self.check_gradients and self._pass_batch_sizes[self._current_pass] > 0:
                 if self._call_batch_dim(layer, args, kwargs)[0] and not uses_autograd:
-                    switched = trainable(module)
+                    switched = layer.trainable()
                     for p in switched:
                         p.requires_grad_(False)
                 else:  # this call's gradients go through autograd, so autograd writes p.grad for these parameters
-                    self.autograd_kept.update(dict.fromkeys(trainable(module)))
+                    self.autograd_kept.update(dict.fromkeys(layer.trainable()))
             self._switched_off.append(switched)
         return _bounded_inputs(args, kwargs) if uses_autograd else None
 
@@ -359,9 +370,9 @@ class MicroBatchGradSampleModule(GradSampleModule):
         if not needs_grad:
             return replaced
         if sampler is not None:
-            params = trainable(module)
+            params = layer.trainable()
         else:
-            params = trainable(module, recurse=False) + [p for p in trainable(module) if p not in self._claimed]
+            params = layer.trainable(recurse=False) + [p for p in layer.trainable() if p not in self._claimed]
             params = list(dict.fromkeys(params))
         for p in params:
             self._claimed[p] = self._current_pass

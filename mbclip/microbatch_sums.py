@@ -32,7 +32,7 @@ class FormedSums:
     def norms(self) -> torch.Tensor:
         """``[M]``: the L2 norm of each micro-batch sum, in float32 at least."""
         flat = self.sums.reshape(self.sums.shape[0], -1)
-        return (flat.float() if flat.dtype in LOW_PRECISION else flat).norm(2, dim=1)
+        return torch.linalg.vector_norm(flat.float() if flat.dtype in LOW_PRECISION else flat, dim=1)
 
     def weighted_sum(self, weights: torch.Tensor, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``[K, *shape]``: ``sum_j weights[k, j] * G_j``; ``kept`` (bool ``[M]``) leaves out dropped micro-batches."""
@@ -40,6 +40,8 @@ class FormedSums:
         weights = weights.to(device=flat.device, dtype=flat.dtype)
         if kept is not None:  # a dropped (non-finite) micro-batch must not reach the sum, not even as 0 * NaN
             flat, weights = flat[kept], weights[:, kept]
+        if weights.shape == (1, 1):  # one micro-batch (b = B): a scaling, cheaper than a matmul with k = 1
+            return (flat * weights).view((1,) + tuple(self.sums.shape[1:]))
         return torch.mm(weights, flat).view((weights.shape[0],) + tuple(self.sums.shape[1:]))
 
     def formed(self) -> torch.Tensor:

@@ -210,9 +210,11 @@ class MicroBatchOptimizer(DPOptimizer):
             (norms.numel(),) + tuple(factors.shape[1:]), dtype=factors.dtype, device=factors.device
         )
         full_factors[kept] = factors
-        # each micro-batch's sums enter the update with its clip factor times its scale
-        weights = full_factors * scales.reshape((-1,) + (1,) * (full_factors.dim() - 1)).to(full_factors.dtype)
+        # each micro-batch's sums enter the update with its clip factor times its scale, over the normalizer
+        # (folded into these M weights rather than dividing M x params numbers)
         normalizer = self._normalizer(len(collected.layouts), num_kept)
+        weights = full_factors * scales.reshape((-1,) + (1,) * (full_factors.dim() - 1)).to(full_factors.dtype)
+        weights = weights / normalizer
         applied = num_kept > 0
         if fused_check:
             summed_all = self._weighted_sums_checked(present, weights, raw_norms)
@@ -226,13 +228,15 @@ class MicroBatchOptimizer(DPOptimizer):
                     weight = weights if weights.dim() == 1 else weights[:, index]
                     summed = sums.weighted_sum(weight.unsqueeze(0), finite if num_dropped else None)[0]
                 if self.noise_multiplier > 0:
-                    summed = summed + _generate_noise(
+                    noise = _generate_noise(
                         std=self.noise_multiplier * self.max_grad_norm,
                         reference=summed,
                         generator=self.generator,
                         secure_mode=self.secure_mode,
                     )
-                p.grad = (summed / normalizer).view_as(p).to(p.dtype)
+                    summed = summed + noise / normalizer
+                summed = summed.view_as(p)
+                p.grad = summed if summed.dtype == p.dtype else summed.to(p.dtype)
         per_microbatch_weight = full_factors / normalizer
         if self.grad_module.microbatch_reduction == "mean":
             per_microbatch_weight = per_microbatch_weight / sizes.to(factors.dtype).reshape(

@@ -92,6 +92,19 @@ def _case(name):
     if name == "conv3d":
         model = nn.Sequential(nn.Conv3d(2, 3, 2), nn.Flatten(), nn.Linear(3 * 8, 2))
         return model, classification(torch.randn(B, 2, 3, 3, 3), 2)
+    if name == "depthwise":  # one input channel per group: the einsum path, with multiplier, stride, dilation
+        model = nn.Sequential(
+            nn.Conv1d(3, 6, 3, groups=3, stride=2, dilation=2, padding=2),
+            nn.Tanh(),
+            nn.Conv1d(6, 6, 5, groups=6, padding=2, bias=False),  # windows taken in channel chunks
+            nn.Unflatten(2, (2, 3)),
+            nn.Conv2d(6, 6, (2, 3), groups=6, dilation=(1, 2), padding=(1, 2)),
+            nn.Unflatten(2, (3, 1)),
+            nn.Conv3d(6, 6, 2, groups=6, padding=(0, 1, 1)),
+            nn.Flatten(),
+            nn.Linear(96, 3),
+        )
+        return model, classification(torch.randn(B, 3, 12), 3)
     if name == "pointwise_conv":  # 1x1 convolutions are sampled as a Linear over positions
         model = nn.Sequential(
             nn.Conv1d(4, 6, 1),
@@ -150,6 +163,7 @@ LAYER_CASES = [
     "conv1d",
     "conv2d",
     "conv3d",
+    "depthwise",
     "pointwise_conv",
     "embedding",
     "layer_norm",

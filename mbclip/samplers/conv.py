@@ -40,6 +40,53 @@ def is_pointwise(module: nn.Module) -> bool:
     )
 
 
+def is_depthwise(module: nn.Module) -> bool:
+    """One input channel per group (a depthwise convolution, with any channel multiplier)."""
+    return module.groups > 1 and module.in_channels == module.groups
+
+
+def _windows(activations: torch.Tensor, module: nn.Module, padding) -> torch.Tensor:
+    """``[B, C, *S]`` -> ``[B, C, *O, *K]``: the input under each kernel tap at each output position (a view)."""
+    padding = (padding,) * len(module.kernel_size) if isinstance(padding, int) else tuple(padding)
+    if any(padding):
+        activations = F.pad(activations, [side for size in reversed(padding) for side in (size, size)])
+    windows = activations
+    for dim, (kernel, stride, dilation) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        windows = windows.unfold(2 + dim, dilation * (kernel - 1) + 1, stride)  # window appended as last dim
+        if dilation > 1:
+            windows = windows[..., ::dilation]
+    return windows
+
+
+def depthwise_weight_sums(
+    module: nn.Module, activations: torch.Tensor, grad_output: torch.Tensor, padding, call: LayerCall
+) -> torch.Tensor:
+    """``[M, *weight.shape]`` of a depthwise convolution as one contraction over samples and positions.
+
+    ``dW[m, c*k + j, 0, taps] = sum_{samples of m, positions} g[c*k + j, pos] * x[c, pos + taps]``. It is
+    several times faster than the grouped weight-gradient kernel on CPU; the windows are materialized in
+    channel chunks bounded by twice the input, so memory stays near what the grouped kernel copies.
+    """
+    channels, spatial = module.in_channels, activations.dim() - 2
+    multiplier = module.out_channels // channels
+    grouped = call.layout.group(activations)  # [M, b, C, *S], zero samples pad a ragged micro-batch
+    windows = _windows(grouped.flatten(0, 1), module, padding)
+    windows = windows.view(grouped.shape[:2] + tuple(windows.shape[1:]))  # [M, b, C, *O, *K], a view
+    grads = call.layout.group(grad_output)  # [M, b, C * k, *O]
+    grads = grads.reshape(grads.shape[:2] + (channels, multiplier) + tuple(grads.shape[3:]))
+    letters = "uvwxyz"
+    positions, taps = letters[:spatial], letters[3 : 3 + spatial]
+    equation = f"mbcj{positions},mbc{positions}{taps}->mcj{taps}"
+    window_numel = windows[0, 0, 0].numel() * grads.shape[0] * grads.shape[1]  # per channel
+    chunk = max(1, (2 * activations.numel()) // max(window_numel, 1))
+    parts = [
+        torch.einsum(equation, grads[:, :, first : first + chunk], windows[:, :, first : first + chunk])
+        for first in range(0, channels, chunk)
+    ]
+    summed = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [M, C, k, *K]
+    return summed.reshape((summed.shape[0],) + tuple(module.weight.shape))
+
+
 def _positions_as_rows(tensor: torch.Tensor, call: LayerCall) -> torch.Tensor:
     """``[B, C, *S]`` -> ``[M, b * prod(S), C]``."""
     rows = tensor.flatten(2).transpose(1, 2)  # [B, prod(S), C]
@@ -63,7 +110,9 @@ def conv_sampler(module: nn.Module, call: LayerCall, grad_outputs: Sequence[Opti
         activations = F.pad(activations, module._reversed_padding_repeated_twice, mode=mode)
         padding = 0
     num_microbatches = call.layout.num_microbatches
-    if module.weight.requires_grad:
+    if module.weight.requires_grad and is_depthwise(module):
+        result[module.weight] = depthwise_weight_sums(module, activations, grad_output, padding, call)
+    elif module.weight.requires_grad:
         weight_grad = _WEIGHT_GRAD[module.weight.dim() - 2](
             fold_microbatches_into_channels(activations, call),
             (num_microbatches * module.weight.shape[0],) + tuple(module.weight.shape[1:]),

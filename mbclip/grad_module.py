@@ -248,6 +248,10 @@ class MicroBatchGradSampleModule(GradSampleModule):
         self._claimed: Dict[nn.Parameter, int] = {}
         self.low_precision_seen: set = set()  # half dtypes of output gradients since the last step (autocast)
         self._switched_off: List[List[nn.Parameter]] = []  # per open sampled call: parameters made grad-free
+        # activation checkpointing: hooked calls still open in a forward that backward re-runs, and the graph
+        # tasks (backward runs) in which each pass's gradients arrived, to tell which pass a re-run belongs to
+        self._recomputing = 0
+        self._pass_tasks: Dict[int, set] = {}
         # parameters whose gradients since the last step came from samplers alone, each with its p.grad (and
         # that tensor's version) when first switched off: autograd must not have touched it by the step
         self.grad_snapshots: Dict[nn.Parameter, Tuple[Optional[torch.Tensor], int]] = {}
@@ -266,6 +270,8 @@ class MicroBatchGradSampleModule(GradSampleModule):
         return len(self._pass_batch_sizes)
 
     def forward(self, *args, **kwargs):
+        if self._recomputing:
+            self.close_recomputation()
         recording = self.hooks_enabled and self.training and torch.is_grad_enabled()
         if recording:
             self._pass_batch_sizes.append(self._batch_size_of(args, kwargs))
@@ -308,11 +314,50 @@ class MicroBatchGradSampleModule(GradSampleModule):
             batch_dim = infer_batch_dim(first.shape, batch_size, self.batch_first)
         return not (batch_dim is None and sampler is not None), batch_dim
 
+    def close_recomputation(self) -> None:  # also called by the optimizer before it reads its parameters
+        """Close the calls of a checkpointed re-run that torch stopped early.
+
+        Non-reentrant checkpointing stops a re-run as soon as it has the tensors it needs, from inside a layer's
+        forward, so that call's forward hook never runs: give its parameters their ``requires_grad`` back.
+        Called when the next gradients arrive, at the next forward and before collecting.
+        """
+        while self._switched_off:
+            for p in self._switched_off.pop():
+                p.requires_grad_(True)
+        self._recomputing = 0
+        self._current_pass = None
+
+    def _recomputed_pass(self) -> Optional[int]:
+        """The pass a forward that runs inside backward re-runs (``torch.utils.checkpoint``), or ``None``.
+
+        Backward re-runs a checkpointed region of some pass; the calls must then do exactly what they did in
+        that pass (same per-micro-batch BatchNorm, same parameters switched off, same tensors saved). The pass is
+        the one whose gradients this backward is computing: among the passes, those whose gradients arrived in
+        this graph task or in none yet. With several such passes (several forwards, then one backward) it is
+        ambiguous, and refused.
+        """
+        task = torch._C._current_graph_task_id()
+        if task < 0 or not self._pass_batch_sizes or not (self.hooks_enabled and torch.is_grad_enabled()):
+            return None
+        candidates = [k for k in range(len(self._pass_batch_sizes)) if task in self._pass_tasks.get(k, (task,))]
+        if len(candidates) != 1:
+            raise BatchError(
+                "a checkpointed region (torch.utils.checkpoint) was re-run in a backward that covers "
+                f"{len(candidates)} forward passes, and mbclip cannot tell which one it belongs to. With activation "
+                "checkpointing, call backward() after each forward pass (several forward/backward pairs before one "
+                "step() are fine)."
+            )
+        return candidates[0]
+
     def _before_forward(self, module: nn.Module, args, kwargs, *, layer: HookedLayer):
         """Before a recorded call: switch off the gradients autograd need not compute (unchecked steps), and put a
         boundary on the inputs of calls that the autograd fallback will differentiate."""
-        if self._current_pass is None:
-            return None
+        if self._current_pass is None or self._recomputing:
+            recomputed = self._recomputed_pass() if self._current_pass is None or self._recomputing else None
+            if recomputed is None:
+                return None
+            self._current_pass = recomputed  # until this call's forward hook: the pass this re-run belongs to
+            self._recomputing += 1
         sampler = layer.sampler
         uses_autograd = sampler is None or (
             sampler.needs_autograd is not None and sampler.needs_autograd(module, args, kwargs)
@@ -330,6 +375,16 @@ class MicroBatchGradSampleModule(GradSampleModule):
         return _bounded_inputs(args, kwargs) if uses_autograd else None
 
     def _on_forward(self, module: nn.Module, args, kwargs, output, *, layer: HookedLayer):
+        if not self._recomputing:
+            return self._record_call(module, args, kwargs, output, layer)
+        try:  # a call re-run by activation checkpointing: done exactly as in its pass
+            return self._record_call(module, args, kwargs, output, layer)
+        finally:
+            self._recomputing -= 1
+            if not self._recomputing:
+                self._current_pass = None
+
+    def _record_call(self, module: nn.Module, args, kwargs, output, layer: HookedLayer):
         if self._current_pass is None:
             return None
         switched = self._switched_off.pop() if layer.sampler is not None else []
@@ -414,6 +469,9 @@ class MicroBatchGradSampleModule(GradSampleModule):
     ) -> None:
         if not self.hooks_enabled:
             return
+        if self._recomputing:
+            self.close_recomputation()
+        self._pass_tasks.setdefault(call.pass_index, set()).add(torch._C._current_graph_task_id())
         # Samplers get the loss's own output gradients; the 1/B of a mean loss is undone once per
         # micro-batch in collect() (on [M, *p.shape]) instead of on every layer's output gradient here.
         grad_outputs: List[Optional[torch.Tensor]] = [None] * num_leaves
@@ -463,13 +521,13 @@ class MicroBatchGradSampleModule(GradSampleModule):
 
     def collect(self, params: Sequence[nn.Parameter]) -> Optional[MicroBatchGradients]:
         """Micro-batch sums of ``params`` over every pass that reached backward; ``None`` if none did."""
+        if self._recomputing:
+            self.close_recomputation()
         passes = sorted({k for per_pass in self._sums.values() for k in per_pass})
         if not passes:
             return None
         layouts = [MicroBatchLayout(self._pass_batch_sizes[k], self.microbatch_size) for k in passes]
-        device = next(
-            (p.device for p, per_pass in self._sums.items() if per_pass), None
-        )
+        device = next((p.device for p, per_pass in self._sums.items() if per_pass), None)
         sizes = torch.cat([layout.microbatch_sizes(device=device) for layout in layouts])
         # The sums hold gradients of the loss as backward saw it; one factor per micro-batch turns them into
         # micro-batch gradients: x B_k for a batch-mean loss, / (micro-batch size) for microbatch_reduction="mean".

@@ -130,6 +130,7 @@ class MicroBatchOptimizer(DPOptimizer):
 
     def pre_step(self, closure=None) -> bool:
         """Clip and average into ``p.grad``; ``False`` when the user's optimizer must not step."""
+        self.grad_module.close_recomputation()  # before self.params reads requires_grad
         collected = self.grad_module.collect(self.params)
         if collected is None:  # no sample reached backward (an empty batch, or no batch at all)
             return self._step_without_samples()

@@ -252,6 +252,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         # tasks (backward runs) in which each pass's gradients arrived, to tell which pass a re-run belongs to
         self._recomputing = 0
         self._pass_tasks: Dict[int, set] = {}
+        self._sampling_pass: Optional[int] = None  # the pass of the call whose sampler runs now
         # parameters whose gradients since the last step came from samplers alone, each with its p.grad (and
         # that tensor's version) when first switched off: autograd must not have touched it by the step
         self.grad_snapshots: Dict[nn.Parameter, Tuple[Optional[torch.Tensor], int]] = {}
@@ -339,6 +340,8 @@ class MicroBatchGradSampleModule(GradSampleModule):
         task = torch._C._current_graph_task_id()
         if task < 0 or not self._pass_batch_sizes or not (self.hooks_enabled and torch.is_grad_enabled()):
             return None
+        if self._sampling_pass is not None:
+            return self._sampling_pass
         candidates = [k for k in range(len(self._pass_batch_sizes)) if task in self._pass_tasks.get(k, (task,))]
         if len(candidates) != 1:
             raise BatchError(
@@ -485,10 +488,14 @@ class MicroBatchGradSampleModule(GradSampleModule):
                 grad_outputs[index] = grad.detach()
         if "inputs_from" in call.extra:
             call.args, call.kwargs = self._saved_inputs(layer, *call.extra["inputs_from"])
-        if layer.sampler is not None:
-            sums = layer.sampler.fn(module, call, grad_outputs)
-        else:  # its nested autograd call runs with every output hook suspended (output_hooks.suspended)
-            sums = autograd_microbatch_sums(module, call, grad_outputs, params)
+        self._sampling_pass = call.pass_index  # a checkpointed region re-run by a sampler's autograd call is its pass
+        try:
+            if layer.sampler is not None:
+                sums = layer.sampler.fn(module, call, grad_outputs)
+            else:  # its nested autograd call runs with every output hook suspended (output_hooks.suspended)
+                sums = autograd_microbatch_sums(module, call, grad_outputs, params)
+        finally:
+            self._sampling_pass = None
         if "inputs_from" in call.extra:
             call.args, call.kwargs = (), {}  # autograd owns them: freed after this backward unless retained
         for param, microbatch_sums in sums.items():

@@ -16,8 +16,20 @@ from reference import assert_close_update, reference_update
 B = 6
 
 
+class Gain(nn.Module):
+    """A raw parameter: the autograd fallback's case."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+
 class CheckpointedBlocks(nn.Module):
-    """Two residual blocks (Linear, LayerNorm, depthwise Conv1d, MultiheadAttention), each under checkpoint()."""
+    """Two residual blocks (Linear, LayerNorm, depthwise Conv1d, MultiheadAttention, a raw parameter), each under
+    checkpoint()."""
 
     def __init__(self, use_reentrant: bool, dim: int = 8):
         super().__init__()
@@ -31,6 +43,7 @@ class CheckpointedBlocks(nn.Module):
                     "ff": nn.Linear(dim, dim),
                     "conv": nn.Conv1d(dim, dim, 3, padding=1, groups=dim),
                     "attn": nn.MultiheadAttention(dim, 2, batch_first=True),
+                    "gain": Gain(dim),
                 }
             )
             for _ in range(2)
@@ -39,7 +52,7 @@ class CheckpointedBlocks(nn.Module):
 
     @staticmethod
     def _block(block: nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
-        x = x + torch.tanh(block["ff"](block["norm"](x)))
+        x = x + torch.tanh(block["gain"](block["ff"](block["norm"](x))))
         x = x + block["conv"](x.transpose(1, 2)).transpose(1, 2)
         return x + block["attn"](x, x, x, need_weights=False)[0]
 

@@ -23,9 +23,10 @@ import torch
 from opacus.grad_sample import GradSampleModule
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
 from mbclip.errors import BatchError, ConfigurationError, UnsupportedModuleError
+from mbclip.flat_trees import flatten, flatten_call
 from mbclip.layers.batchnorm import check_batchnorms, swap_in_batchnorms, swap_out_batchnorms
 from mbclip.layout import MicroBatchLayout
 from mbclip.microbatch_sums import FormedSums, MicroBatchSums, add_sums, as_sums, stack_passes
@@ -112,20 +113,32 @@ class _Keep(torch.autograd.Function):
         return (None, None) + (None,) * ctx.num_kept + grads
 
 
-def _detach(tree):
-    return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
+class _OpenCalls(list):
+    """The layer calls (or hook handles) recorded since the last step; a copy of the model (``copy.deepcopy``,
+    pickling) starts empty, as the autograd nodes they refer to cannot be copied and belong to the original's graph."""
+
+    def __deepcopy__(self, memo) -> _OpenCalls:
+        return _OpenCalls()
+
+    def __reduce__(self):
+        return (_OpenCalls, ())
+
+
+def _detached_call(args, kwargs) -> Tuple[tuple, Dict]:
+    leaves, rebuild = flatten_call(args, kwargs)
+    return rebuild([t.detach() if isinstance(t, torch.Tensor) else t for t in leaves])
 
 
 def _bounded_inputs(args, kwargs):
     """``(args, kwargs)`` with every input that requires grad behind an :class:`InputBoundary` (one per tensor
     object, so ``attention(x, x, x)`` still sees one tensor three times); ``None`` when there is none."""
-    leaves, spec = tree_flatten((args, kwargs))
+    leaves, rebuild = flatten_call(args, kwargs)
     unique = {id(t): t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad}
     if not unique:
         return None
     bounded = dict(zip(unique, InputBoundary.apply(*unique.values())))
     leaves = [bounded.get(id(t), t) if isinstance(t, torch.Tensor) else t for t in leaves]
-    return tree_unflatten(leaves, spec)
+    return rebuild(leaves)
 
 
 def _is_float_tensor(value) -> bool:
@@ -252,6 +265,16 @@ class MicroBatchGradSampleModule(GradSampleModule):
         # tasks (backward runs) in which each pass's gradients arrived, to tell which pass a re-run belongs to
         self._recomputing = 0
         self._pass_tasks: Dict[int, set] = {}
+        # The calls recorded since the last step. A call's output hook holds the call, and the call holds the
+        # keeper node and (some samplers) the outputs that hold the hook: a reference cycle. Cutting the call's
+        # side here lets reference counting free all of it, with no work for Python's garbage collector.
+        for call in getattr(self, "_open_calls", ()):
+            call.extra.clear()
+            call.outputs = ()
+        for handle in getattr(self, "_open_hooks", ()):  # see output_hooks.on_output_gradients
+            handle.remove()
+        self._open_calls = _OpenCalls()
+        self._open_hooks = _OpenCalls()
         self._sampling_pass: Optional[int] = None  # the pass of the call whose sampler runs now
         # parameters whose gradients since the last step came from samplers alone, each with its p.grad (and
         # that tensor's version) when first switched off: autograd must not have touched it by the step
@@ -394,7 +417,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         for p in switched:
             p.requires_grad_(True)
         batch_size = self._pass_batch_sizes[self._current_pass]
-        leaves, spec = tree_flatten(output)
+        leaves, rebuild_output = flatten(output)
         for p in switched:
             if p not in self.grad_snapshots:
                 self.grad_snapshots[p] = (p.grad, p.grad._version if p.grad is not None else 0)
@@ -414,7 +437,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         batched, batch_dim = self._call_batch_dim(layer, args, kwargs)
         if not batched:  # a sampled layer on a tensor without the batch: the enclosing layer covers it
             return None
-        input_leaves, input_spec = tree_flatten((tuple(args), dict(kwargs)))
+        input_leaves, rebuild_inputs = flatten_call(args, kwargs)
         kept = [i for i, t in enumerate(input_leaves) if isinstance(t, torch.Tensor)] if kept_by_node else []
         hooked_leaves = list(leaves)
         if routed:
@@ -423,7 +446,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
             outputs = _Keep.apply(self._anchor(to_route[0]), len(kept), *kept_inputs, *to_route)
             for i, t in zip(routed, outputs):
                 hooked_leaves[i] = t
-        replaced = tree_unflatten(hooked_leaves, spec) if routed else None  # what the forward hook returns
+        replaced = rebuild_output(hooked_leaves) if routed else None  # what the forward hook returns
         needs_grad = [i for i, t in enumerate(hooked_leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
         if not needs_grad:
             return replaced
@@ -435,9 +458,10 @@ class MicroBatchGradSampleModule(GradSampleModule):
         for p in params:
             self._claimed[p] = self._current_pass
         keep_node = hooked_leaves[routed[0]].grad_fn if kept else None
+        detached_args, detached_kwargs = ((), {}) if keep_node is not None else _detached_call(args, kwargs)
         call = LayerCall(
-            args=() if keep_node is not None else _detach(tuple(args)),
-            kwargs={} if keep_node is not None else _detach(dict(kwargs)),
+            args=detached_args,
+            kwargs=detached_kwargs,
             layout=MicroBatchLayout(batch_size, self.microbatch_size),
             batch_dim=batch_dim,
             batch_first=self.batch_first,
@@ -446,9 +470,10 @@ class MicroBatchGradSampleModule(GradSampleModule):
         )
         if keep_node is not None:  # the tensors themselves live in the node only (None in the template)
             template = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in input_leaves]
-            call.extra["inputs_from"] = (keep_node, template, input_spec, kept)
+            call.extra["inputs_from"] = (keep_node, template, rebuild_inputs, kept)
+        self._open_calls.append(call)  # its references to the node and outputs are dropped at the step
         on_grads = partial(self._on_output_grads, module, layer, call, params, needs_grad, len(leaves))
-        on_output_gradients([hooked_leaves[i] for i in needs_grad], on_grads, watched)
+        self._open_hooks.extend(on_output_gradients([hooked_leaves[i] for i in needs_grad], on_grads, watched))
         return replaced
 
     def _anchor(self, like: torch.Tensor) -> torch.Tensor:
@@ -509,7 +534,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
                 per_pass[call.pass_index] = microbatch_sums
 
     @staticmethod
-    def _saved_inputs(layer: HookedLayer, node, input_leaves, input_spec, kept):
+    def _saved_inputs(layer: HookedLayer, node, input_leaves, rebuild_inputs, kept):
         """The call's ``(args, kwargs)`` back from the _Keep node's saved tensors (detached)."""
         try:
             saved = node.saved_tensors
@@ -522,7 +547,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         leaves = list(input_leaves)
         for i, tensor in zip(kept, saved):
             leaves[i] = tensor.detach()
-        return tree_unflatten(leaves, input_spec)
+        return rebuild_inputs(leaves)
 
     # -- what the optimizer reads --------------------------------------------------------------
 

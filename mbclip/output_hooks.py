@@ -15,6 +15,7 @@ from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 from torch.autograd.graph import register_multi_grad_hook
+from torch.utils.hooks import RemovableHandle
 
 GradsCallback = Callable[[List[Optional[torch.Tensor]]], None]
 
@@ -60,15 +61,18 @@ def _is_suspended() -> bool:
 
 def on_output_gradients(
     tensors: Sequence[torch.Tensor], callback: GradsCallback, watched: Sequence[torch.Tensor] = ()
-) -> None:
+) -> List[RemovableHandle]:
     """Call ``callback(grads)`` once per backward with the gradient of each of ``tensors`` (or ``None``).
 
     ``watched``: a layer's own intermediate tensors (never changed in place) whose gradients the sampler
     reads too; they follow the outputs' in ``grads``, and the callback waits until they are computed.
+
+    Returns the hook handles. Remove them once no backward will come: torch's multi-tensor hook holds the
+    tensors' graph nodes, and with a watched tensor upstream of an output that is a reference cycle through the
+    autograd graph, which Python's garbage collector cannot see (the whole graph would leak).
     """
     if len(tensors) == 1 and not watched:
-        _hook_single(tensors[0], callback)
-        return
+        return _hook_single(tensors[0], callback)
     bases = [t._base for t in tensors if t._is_view()]
     targets, replays = [], []
     for tensor in tensors:
@@ -83,13 +87,12 @@ def on_output_gradients(
             return
         callback([g if replay is None or g is None else _replay(replay, g) for g, replay in zip(grads, replays)])
 
-    register_multi_grad_hook(targets, on_grads, mode="all")
+    return [register_multi_grad_hook(targets, on_grads, mode="all")]
 
 
-def _hook_single(tensor: torch.Tensor, callback: GradsCallback) -> None:
+def _hook_single(tensor: torch.Tensor, callback: GradsCallback) -> List[RemovableHandle]:
     if not tensor._is_view():
-        tensor.register_hook(lambda grad: None if _is_suspended() else callback([grad]))
-        return
+        return [tensor.register_hook(lambda grad: None if _is_suspended() else callback([grad]))]
     view_fired = [False]
     replay = tensor._view_func
 
@@ -107,8 +110,7 @@ def _hook_single(tensor: torch.Tensor, callback: GradsCallback) -> None:
             return
         callback([_replay(replay, grad)])
 
-    tensor.register_hook(on_view)
-    tensor._base.register_hook(on_base)
+    return [tensor.register_hook(on_view), tensor._base.register_hook(on_base)]
 
 
 def _replay(view_func, grad: torch.Tensor) -> torch.Tensor:

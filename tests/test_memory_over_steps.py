@@ -1,0 +1,77 @@
+"""Nothing a step records outlives it: layer calls, hooks and autograd graphs are freed by reference counting.
+
+Recorded attention hooks an output together with an intermediate upstream of it; torch's multi-tensor hook holds
+both graph nodes, a reference cycle through the autograd graph that Python's garbage collector cannot see. Before
+the fix every step leaked its whole graph (activations included) on models with attention.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mbclip import MicroBatchClipping
+from mbclip.models import ConformerEncoder
+from mbclip.samplers import LayerCall
+
+
+class AttentionClassifier(nn.Module):
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.inp = nn.Linear(8, dim)
+        self.layer = nn.TransformerEncoderLayer(dim, 2, 16, dropout=0.0, batch_first=True)
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.layer(self.inp(x)).mean(dim=1))
+
+
+def _live(kind) -> int:
+    gc.collect()
+    return sum(isinstance(obj, kind) for obj in gc.get_objects())
+
+
+class ConformerClassifier(nn.Module):
+    """mbclip's conformer (rel-pos attention, recorded) with a classifier on the mean frame."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = ConformerEncoder(num_features=8, d_model=8, num_heads=2, num_blocks=1, kernel_size=3,
+                                        subsampling_channels=4)  # fmt: skip
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
+        return self.out(self.encoder(x, lengths)[0].mean(dim=1))
+
+
+@pytest.mark.parametrize("make_model", [AttentionClassifier, ConformerClassifier], ids=["mha", "relpos_conformer"])
+@pytest.mark.parametrize("verify_gradients", ["always", "never"])
+def test_steps_leave_nothing_behind(make_model, verify_gradients):
+    torch.manual_seed(0)
+    model = make_model()
+    x, y = torch.randn(6, 16, 8), torch.randint(0, 3, (6,))
+    wrapped, optimizer, _ = MicroBatchClipping().make_clipped(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        microbatch_size=2,
+        max_grad_norm=1.0,
+        verify_gradients=verify_gradients,
+    )
+
+    def step():
+        optimizer.zero_grad()
+        F.cross_entropy(wrapped(x), y).backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    calls, tensors = _live(LayerCall), _live(torch.Tensor)
+    for _ in range(4):
+        step()
+    assert _live(LayerCall) <= calls
+    assert _live(torch.Tensor) <= tensors

@@ -30,7 +30,7 @@ from mbclip.flat_trees import flatten, flatten_call
 from mbclip.layers.batchnorm import check_batchnorms, swap_in_batchnorms, swap_out_batchnorms
 from mbclip.layout import MicroBatchLayout
 from mbclip.microbatch_sums import FormedSums, MicroBatchSums, add_sums, as_sums, stack_passes
-from mbclip.output_hooks import InputBoundary, on_output_gradients
+from mbclip.output_hooks import InputBoundary, is_unrecorded, on_output_gradients
 from mbclip.samplers import MICROBATCH_SAMPLERS, UNSUPPORTED_LAYERS, LayerCall, MicroBatchSampler
 from mbclip.samplers.autograd_fallback import autograd_microbatch_sums, infer_batch_dim
 from mbclip.samplers.registry import WATCHED_ATTRIBUTE
@@ -362,6 +362,8 @@ class MicroBatchGradSampleModule(GradSampleModule):
         """
         task = torch._C._current_graph_task_id()
         if task < 0 or not self._pass_batch_sizes or not (self.hooks_enabled and torch.is_grad_enabled()):
+            return None
+        if is_unrecorded():  # a sampler running its layer's code again, not a re-run of the pass
             return None
         if self._sampling_pass is not None:
             return self._sampling_pass

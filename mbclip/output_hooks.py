@@ -55,6 +55,22 @@ class InputBoundary(torch.autograd.Function):
         return tuple(None if _is_suspended() else g for g in grads)
 
 
+@contextmanager
+def unrecorded() -> Iterator[None]:
+    """Layer calls inside the block are not recorded: a sampler running its own layer's code again (in backward,
+    where a call is otherwise taken for activation checkpointing's re-run of a pass)."""
+    previous = getattr(_state, "unrecorded", False)
+    _state.unrecorded = True
+    try:
+        yield
+    finally:
+        _state.unrecorded = previous
+
+
+def is_unrecorded() -> bool:
+    return getattr(_state, "unrecorded", False)
+
+
 def _is_suspended() -> bool:
     return getattr(_state, "suspended", False)
 

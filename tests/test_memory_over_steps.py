@@ -75,3 +75,37 @@ def test_steps_leave_nothing_behind(make_model, verify_gradients):
         step()
     assert _live(LayerCall) <= calls
     assert _live(torch.Tensor) <= tensors
+
+
+class CrossAttention(nn.Module):
+    """Attention whose query differs from its keys: the sampler runs the layer's code again in backward."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.inp = nn.Linear(8, dim)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.out(self.attn(h[:, :4], h, h, need_weights=False)[0].mean(dim=1))
+
+
+@pytest.mark.parametrize("verify_gradients", ["always", "never"])
+def test_a_sampler_running_its_layer_again_records_no_call(verify_gradients):
+    torch.manual_seed(0)
+    model = CrossAttention()
+    x, y = torch.randn(6, 16, 8), torch.randint(0, 3, (6,))
+    wrapped, optimizer, _ = MicroBatchClipping().make_clipped(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        microbatch_size=2,
+        max_grad_norm=1.0,
+        verify_gradients=verify_gradients,
+    )
+    loss = F.cross_entropy(wrapped(x), y)
+    recorded = len(wrapped._open_calls)
+    loss.backward()
+    assert len(wrapped._open_calls) == recorded
+    assert all(p.requires_grad for p in model.parameters())
+    optimizer.step()

@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 from mbclip.microbatch_sums import outer_product_sums
-from mbclip.output_hooks import suspended
+from mbclip.output_hooks import suspended, unrecorded
 from mbclip.samplers.attention_recording import RECORD_ATTRIBUTE, recording_forward, records
 from mbclip.samplers.autograd_fallback import autograd_microbatch_sums
 from mbclip.samplers.linear import grouped_rows, linear_layer_sums
@@ -118,7 +118,7 @@ def _projection_sums(
         overrides["in_proj_bias"] = torch.zeros(3 * embed, dtype=dtype, device=identity.device)
     if module.out_proj.bias is not None:
         overrides["out_proj.bias"] = torch.zeros(embed, dtype=dtype, device=identity.device)
-    with torch.enable_grad(), suspended():
+    with torch.enable_grad(), suspended(), unrecorded():
         projected = [F.linear(x, w, b).detach().requires_grad_() for x, w, b in zip(inputs, weights, biases)]
         context, attention = functional_call(module, overrides, tuple(projected), arguments)
         d_output = grad_output if grad_output is not None else torch.zeros_like(context)

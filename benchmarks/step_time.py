@@ -1,8 +1,11 @@
 """Step time and peak memory of one training step: plain, Opacus, the naive loop and mbclip at each b.
 
 One process, interleaved repetitions (every method runs once per round, rounds repeated), so slow
-drifts of the machine hit every method alike. Prints the median step time, its ratio to the plain
-step of the same model, and the peak memory of one step above what was live before it.
+drifts of the machine hit every method alike. Every timed step of a method follows a timed plain step of the same
+model, and "x plain" is the median over rounds of that pair's ratio: on a shared machine whose speed drifts by
+20-30% within minutes, a paired ratio is far steadier than a ratio of two medians. Prints the median step time, that
+ratio, and the peak memory of one step above what was live before it (and its ratio to plain's). Each round starts
+with an untimed ``gc.collect()``.
 
     python benchmarks/step_time.py                        # CPU, 2 threads, every model
     python benchmarks/step_time.py --device cuda --threads 8
@@ -26,11 +29,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import statistics
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -416,6 +420,7 @@ class Result:
     times: List[float]
     memory: Optional[float] = None
     error: Optional[str] = None
+    ratios: List[float] = field(default_factory=list)  # each timing over the plain step timed right before it
 
 
 def prepare_methods(spec: ModelSpec, microbatch_sizes: List[int], batch: Batch, device) -> Dict[str, object]:
@@ -451,10 +456,18 @@ def run_model(name: str, spec: ModelSpec, args, device) -> Dict[str, Result]:
     methods = prepare_methods(spec, args.microbatch_sizes, batch, device)
     results = {m: Result([], error=s if isinstance(s, str) else None) for m, s in methods.items()}
     runnable = [(m, s) for m, s in methods.items() if not isinstance(s, str)]
-    for _ in range(args.repeats):  # interleaved: one round runs every method once
+    plain = methods["plain"] if not isinstance(methods["plain"], str) else None
+    for _ in range(args.repeats):  # interleaved: one round runs every method once, each right after a plain step
+        gc.collect()  # untimed: a full collection left over from setting up falls in no timed step
         for method, step in runnable:
             try:
-                results[method].times.append(timed(step, device))
+                if plain is not None and method != "plain":
+                    plain_time = timed(plain, device)
+                    results["plain"].times.append(plain_time)
+                taken = timed(step, device)
+                results[method].times.append(taken)
+                if plain is not None:
+                    results[method].ratios.append(taken / plain_time if method != "plain" else 1.0)
             except Exception as error:  # noqa: BLE001
                 results[method].error = f"{type(error).__name__}: {error}"
     if not args.no_memory:
@@ -476,7 +489,7 @@ def print_table(name: str, spec: ModelSpec, results: Dict[str, Result], args) ->
             print(f"| {method:<14} | {'n/a':>9} | {'':>7} | {'':>8} | {'':>7} |  {result.error}")
             continue
         median = statistics.median(result.times)
-        ratio = f"{median / plain_time:.2f}" if plain_time else ""
+        ratio = f"{statistics.median(result.ratios):.2f}" if plain_time and result.ratios else ""
         mem = f"{result.memory / 2**20:.1f}" if result.memory is not None else ""
         mem_ratio = f"{result.memory / plain_mem:.2f}" if result.memory is not None and plain_mem else ""
         print(f"| {method:<14} | {median * 1e3:>9.1f} | {ratio:>7} | {mem:>8} | {mem_ratio:>7} |")

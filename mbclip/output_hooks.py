@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, ContextManager, Iterator, List, Optional, Sequence
 
 import torch
 from torch.autograd.graph import register_multi_grad_hook
@@ -23,18 +23,23 @@ _state = threading.local()
 
 
 @contextmanager
-def suspended() -> Iterator[None]:
+def _flag_set(name: str) -> Iterator[None]:
+    """Set a thread-local flag for the block (nesting restores the outer value)."""
+    previous = getattr(_state, name, False)
+    setattr(_state, name, True)
+    try:
+        yield
+    finally:
+        setattr(_state, name, previous)
+
+
+def suspended() -> ContextManager[None]:
     """Make every output hook a no-op (state untouched) inside the block.
 
     For nested ``autograd.grad`` calls made from within a hook (the autograd fallback): they walk
     parts of the same graph and would otherwise fire, or use up, hooks meant for the outer backward.
     """
-    previous = getattr(_state, "suspended", False)
-    _state.suspended = True
-    try:
-        yield
-    finally:
-        _state.suspended = previous
+    return _flag_set("suspended")
 
 
 class InputBoundary(torch.autograd.Function):
@@ -55,16 +60,10 @@ class InputBoundary(torch.autograd.Function):
         return tuple(None if _is_suspended() else g for g in grads)
 
 
-@contextmanager
-def unrecorded() -> Iterator[None]:
+def unrecorded() -> ContextManager[None]:
     """Layer calls inside the block are not recorded: a sampler running its own layer's code again (in backward,
     where a call is otherwise taken for activation checkpointing's re-run of a pass)."""
-    previous = getattr(_state, "unrecorded", False)
-    _state.unrecorded = True
-    try:
-        yield
-    finally:
-        _state.unrecorded = previous
+    return _flag_set("unrecorded")
 
 
 def is_unrecorded() -> bool:

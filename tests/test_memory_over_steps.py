@@ -30,6 +30,17 @@ class AttentionClassifier(nn.Module):
         return self.out(self.layer(self.inp(x)).mean(dim=1))
 
 
+def _wrap(model: nn.Module, verify_gradients: str):
+    wrapped, optimizer, _ = MicroBatchClipping().make_clipped(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        microbatch_size=2,
+        max_grad_norm=1.0,
+        verify_gradients=verify_gradients,
+    )
+    return wrapped, optimizer
+
+
 def _live(kind) -> int:
     gc.collect()
     return sum(isinstance(obj, kind) for obj in gc.get_objects())
@@ -55,13 +66,7 @@ def test_steps_leave_nothing_behind(make_model, verify_gradients):
     torch.manual_seed(0)
     model = make_model()
     x, y = torch.randn(6, 16, 8), torch.randint(0, 3, (6,))
-    wrapped, optimizer, _ = MicroBatchClipping().make_clipped(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        microbatch_size=2,
-        max_grad_norm=1.0,
-        verify_gradients=verify_gradients,
-    )
+    wrapped, optimizer = _wrap(model, verify_gradients)
 
     def step():
         optimizer.zero_grad()
@@ -96,13 +101,7 @@ def test_a_sampler_running_its_layer_again_records_no_call(verify_gradients):
     torch.manual_seed(0)
     model = CrossAttention()
     x, y = torch.randn(6, 16, 8), torch.randint(0, 3, (6,))
-    wrapped, optimizer, _ = MicroBatchClipping().make_clipped(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        microbatch_size=2,
-        max_grad_norm=1.0,
-        verify_gradients=verify_gradients,
-    )
+    wrapped, optimizer = _wrap(model, verify_gradients)
     loss = F.cross_entropy(wrapped(x), y)
     recorded = len(wrapped._open_calls)
     loss.backward()

@@ -265,6 +265,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         # tasks (backward runs) in which each pass's gradients arrived, to tell which pass a re-run belongs to
         self._recomputing = 0
         self._pass_tasks: Dict[int, set] = {}
+        self._dropped_passes: set = set()  # passes whose gradients zero_grad() discarded (see zero_grad_passes)
         # The calls recorded since the last step. A call's output hook holds the call, and the call holds the
         # keeper node and (some samplers) the outputs that hold the hook: a reference cycle. Cutting the call's
         # side here lets reference counting free all of it, with no work for Python's garbage collector.
@@ -290,8 +291,26 @@ class MicroBatchGradSampleModule(GradSampleModule):
 
     @property
     def num_passes(self) -> int:
-        """Forward passes recorded since the last step (each one batch)."""
-        return len(self._pass_batch_sizes)
+        """Forward passes recorded since the last step (each one batch), less those zero_grad() discarded."""
+        return len(self._pass_batch_sizes) - len(self._dropped_passes)
+
+    def zero_grad_passes(self) -> None:
+        """``optimizer.zero_grad()``: forget the micro-batch gradients of every backward so far.
+
+        A forward whose backward is still to come stays recorded (``loss = model(x); optimizer.zero_grad();
+        loss.backward()`` is a common loop order, and plain PyTorch trains the same with it); with none, all is
+        reset as at a step.
+        """
+        passes = range(len(self._pass_batch_sizes))
+        pending = [k for k in passes if k not in self._pass_tasks and k not in self._dropped_passes]
+        if not pending:
+            self._reset_passes()
+            return
+        done = {k for k in passes if k not in pending}
+        for per_pass in self._sums.values():
+            for k in done:
+                per_pass.pop(k, None)
+        self._dropped_passes |= done
 
     def forward(self, *args, **kwargs):
         if self._recomputing:
@@ -502,6 +521,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         if self._recomputing:
             self.close_recomputation()
         self._pass_tasks.setdefault(call.pass_index, set()).add(torch._C._current_graph_task_id())
+        self._dropped_passes.discard(call.pass_index)  # a backward after zero_grad() counts, as in plain PyTorch
         # Samplers get the loss's own output gradients; the 1/B of a mean loss is undone once per
         # micro-batch in collect() (on [M, *p.shape]) instead of on every layer's output gradient here.
         grad_outputs: List[Optional[torch.Tensor]] = [None] * num_leaves

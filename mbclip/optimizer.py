@@ -120,7 +120,7 @@ class MicroBatchOptimizer(DPOptimizer):
         skipped = self._is_last_step_skipped
         super().zero_grad(set_to_none)
         if not skipped:
-            self.grad_module._reset_passes()
+            self.grad_module.zero_grad_passes()
         self._grads_replaced = False
 
     def attach_step_hook(self, fn: Callable[[MicroBatchOptimizer], None]) -> None:

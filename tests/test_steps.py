@@ -143,3 +143,42 @@ def test_dp_path_reports_opacus_epsilon():
         epsilons.append(engine.get_epsilon(1e-5))
     assert 0 < epsilons[1] < float("inf")
     assert epsilons[1] == pytest.approx(epsilons[0], rel=1e-9)
+
+
+def _train(order: str, verify_gradients: str, steps: int = 3):
+    """A few steps of one loop order; returns the parameters and the last step's diagnostics."""
+    torch.manual_seed(0)
+    model = _model().double()
+    wrapped, optimizer, _ = MicroBatchClipping().make_clipped(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+        microbatch_size=2,
+        max_grad_norm=0.05,
+        verify_gradients=verify_gradients,
+    )
+    batches = [(torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))) for _ in range(steps)]
+    for x, y in batches:
+        if order == "zero_grad_first":
+            optimizer.zero_grad()
+            loss = F.cross_entropy(wrapped(x), y)
+        elif order == "forward_first":  # plain PyTorch trains the same with this order
+            loss = F.cross_entropy(wrapped(x), y)
+            optimizer.zero_grad()
+        else:  # a discarded forward/backward (zero_grad drops it), then the real one
+            optimizer.zero_grad()
+            F.cross_entropy(wrapped(x + 1.0), y).backward()
+            optimizer.zero_grad()
+            loss = F.cross_entropy(wrapped(x), y)
+        loss.backward()
+        optimizer.step()
+    return [p.detach().clone() for p in model.parameters()], optimizer.last_step
+
+
+@pytest.mark.parametrize("verify_gradients", ["always", "never"])
+@pytest.mark.parametrize("order", ["forward_first", "discarded_pass"])
+def test_zero_grad_between_forward_and_backward_trains_the_same(order, verify_gradients):
+    expected, expected_step = _train("zero_grad_first", verify_gradients)
+    actual, last_step = _train(order, verify_gradients)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-14)
+    assert last_step.num_microbatches == expected_step.num_microbatches == 3

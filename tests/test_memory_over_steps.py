@@ -7,7 +7,9 @@ the fix every step leaked its whole graph (activations included) on models with 
 
 from __future__ import annotations
 
+import copy
 import gc
+import io
 
 import pytest
 import torch
@@ -107,4 +109,16 @@ def test_a_sampler_running_its_layer_again_records_no_call(verify_gradients):
     loss.backward()
     assert len(wrapped._open_calls) == recorded
     assert all(p.requires_grad for p in model.parameters())
+    optimizer.step()
+
+
+def test_a_wrapped_model_can_be_saved_and_copied_mid_step():
+    """torch.save / deepcopy between backward and step (a checkpoint callback, an EMA copy) see no autograd state."""
+    torch.manual_seed(0)
+    model = AttentionClassifier()
+    wrapped, optimizer = _wrap(model, "never")
+    x, y = torch.randn(6, 16, 8), torch.randint(0, 3, (6,))
+    F.cross_entropy(wrapped(x), y).backward()
+    torch.save(wrapped, io.BytesIO())
+    copy.deepcopy(wrapped)
     optimizer.step()

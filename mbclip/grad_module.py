@@ -113,15 +113,15 @@ class _Keep(torch.autograd.Function):
         return (None, None) + (None,) * ctx.num_kept + grads
 
 
-class _OpenCalls(list):
-    """The layer calls (or hook handles) recorded since the last step; a copy of the model (``copy.deepcopy``,
-    pickling) starts empty, as the autograd nodes they refer to cannot be copied and belong to the original's graph."""
+class _StepRecords(list):
+    """What the step's calls left behind (layer calls, hook handles), released at the step; a copy of the model
+    (``copy.deepcopy``, pickling) starts empty, as the autograd nodes they refer to belong to the original's graph."""
 
-    def __deepcopy__(self, memo) -> _OpenCalls:
-        return _OpenCalls()
+    def __deepcopy__(self, memo) -> _StepRecords:
+        return _StepRecords()
 
     def __reduce__(self):
-        return (_OpenCalls, ())
+        return (_StepRecords, ())
 
 
 def _detached_call(args, kwargs) -> Tuple[tuple, Dict]:
@@ -274,8 +274,8 @@ class MicroBatchGradSampleModule(GradSampleModule):
             call.outputs = ()
         for handle in getattr(self, "_open_hooks", ()):  # see output_hooks.on_output_gradients
             handle.remove()
-        self._open_calls = _OpenCalls()
-        self._open_hooks = _OpenCalls()
+        self._open_calls = _StepRecords()
+        self._open_hooks = _StepRecords()
         self._sampling_pass: Optional[int] = None  # the pass of the call whose sampler runs now
         # parameters whose gradients since the last step came from samplers alone, each with its p.grad (and
         # that tensor's version) when first switched off: autograd must not have touched it by the step
@@ -400,7 +400,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         """Before a recorded call: switch off the gradients autograd need not compute (unchecked steps), and put a
         boundary on the inputs of calls that the autograd fallback will differentiate."""
         if self._current_pass is None or self._recomputing:
-            recomputed = self._recomputed_pass() if self._current_pass is None or self._recomputing else None
+            recomputed = self._recomputed_pass()
             if recomputed is None:
                 return None
             self._current_pass = recomputed  # until this call's forward hook: the pass this re-run belongs to

@@ -47,9 +47,8 @@ def is_depthwise(module: nn.Module) -> bool:
 
 def _windows(activations: torch.Tensor, module: nn.Module, padding) -> torch.Tensor:
     """``[B, C, *S]`` -> ``[B, C, *O, *K]``: the input under each kernel tap at each output position (a view)."""
-    padding = (padding,) * len(module.kernel_size) if isinstance(padding, int) else tuple(padding)
-    if any(padding):
-        activations = F.pad(activations, [side for size in reversed(padding) for side in (size, size)])
+    if padding and any(padding):  # the module's own numeric zero padding (the sampler padded any other kind)
+        activations = F.pad(activations, module._reversed_padding_repeated_twice)
     windows = activations
     for dim, (kernel, stride, dilation) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
         windows = windows.unfold(2 + dim, dilation * (kernel - 1) + 1, stride)  # window appended as last dim

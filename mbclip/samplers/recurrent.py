@@ -220,12 +220,9 @@ def _direction_backward(
             dgates[t] = dh * slope[t]
             dh_state = dgates[t] @ w_hh if passing is None else torch.addmm(passing[t] * dh, dgates[t], w_hh)
         return DirectionGradients(dgates, dgates, h_prev)
-    gx = x @ weights["weight_ih"].T
-    gh = h_prev @ w_hh.T
-    if weights["bias_ih"] is not None:
-        gx = gx + weights["bias_ih"]
-        gh = gh + weights["bias_hh"]
     if mode == "GRU":
+        gx = _projection(x, weights["weight_ih"], weights["bias_ih"])
+        gh = _projection(h_prev, w_hh, weights["bias_hh"])
         gx_r, gx_z, gx_n = gx.chunk(3, dim=-1)
         gh_r, gh_z, gh_n = gh.chunk(3, dim=-1)
         r = torch.sigmoid(gx_r + gh_r)
@@ -242,8 +239,11 @@ def _direction_backward(
             dgates[t] = dh.repeat(1, 3) * coef_hidden[t]
             dh_state = torch.addmm(dh * keep[t], dgates[t], w_hh)
         return DirectionGradients(dh_total.repeat(1, 1, 3) * coef_input, dgates, h_prev)
-    # LSTM: c_t is not an output, so recompute it (elementwise, one step at a time)
-    gates = gx + gh
+    # LSTM: the gate pre-activations in two accumulated matmuls (one bias, no [T, B, 4H] temporaries); c_t is not
+    # an output, so recompute it (elementwise, one step at a time)
+    bias = None if weights["bias_ih"] is None else weights["bias_ih"] + weights["bias_hh"]
+    gates = _projection(x, weights["weight_ih"], bias)
+    gates.view(-1, gates.shape[-1]).addmm_(h_prev.reshape(-1, h_prev.shape[-1]), w_hh.T)
     i, f, g, o = gates.chunk(4, dim=-1)
     i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
     cell = torch.empty_like(i)
@@ -255,9 +255,15 @@ def _direction_backward(
         cell[t] = torch.addcmul(fresh[t], f[t], c_state)
         c_state = cell[t] if valid is None else torch.where(valid_bool[t], cell[t], c_state)
     tanh_c = torch.tanh(cell)
+    # d(gates) = [dc, dc, dc, dm] * coef, written per step into dgates as [B, 4, H] views: (i, f, g) take dc, o dm
     coef = torch.cat([g * i * (1 - i), cell_prev * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], dim=-1)
-    coef = coef * mask
-    through_cell = o * (1 - tanh_c * tanh_c) * mask
+    through_cell = o * (1 - tanh_c * tanh_c)
+    if valid is not None:  # padded steps get no gate gradient (all-valid batches skip the multiplications)
+        coef = coef * mask
+        through_cell = through_cell * mask
+    hidden = i.shape[-1]
+    coef = coef.view(coef.shape[:2] + (4, hidden))
+    dgates_by_gate = dgates.view(coef.shape)
     forget = f if valid is None else torch.where(valid_bool, f, torch.ones_like(f))
     w_hr = weights.get("weight_hr")
     dh_total = torch.empty_like(output) if w_hr is not None else None
@@ -270,13 +276,21 @@ def _direction_backward(
         else:
             dm = dh
         dc = torch.addcmul(dc_state, dm, through_cell[t])
-        dgates[t] = torch.cat([dc, dc, dc, dm], dim=-1) * coef[t]
+        torch.mul(coef[t, :, :3], dc.unsqueeze(1), out=dgates_by_gate[t, :, :3])
+        torch.mul(coef[t, :, 3], dm, out=dgates_by_gate[t, :, 3])
         dh_state = dgates[t] @ w_hh if passing is None else torch.addmm(passing[t] * dh, dgates[t], w_hh)
         dc_state = dc * forget[t]
     projection = None
     if w_hr is not None:
         projection = (dh_total * mask, o * tanh_c)
     return DirectionGradients(dgates, dgates, h_prev, projection)
+
+
+def _projection(inputs: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``inputs @ weight.T + bias`` for ``[T, B, d]`` inputs, one matmul (the bias added by it)."""
+    flat = inputs.reshape(-1, inputs.shape[-1])
+    product = flat @ weight.T if bias is None else torch.addmm(bias, flat, weight.T)
+    return product.view(inputs.shape[:2] + (weight.shape[0],))
 
 
 # -- micro-batch contractions ------------------------------------------------------------------------
@@ -373,10 +387,12 @@ def recurrent_sampler(
                 result[params["weight_ih"]] = _outer_sums(grads.gates_input, x, layout)
             if params["weight_hh"].requires_grad:
                 result[params["weight_hh"]] = _outer_sums(grads.gates_hidden, grads.hidden_prev, layout)
+            input_bias_sums = None
             if params["bias_ih"] is not None and params["bias_ih"].requires_grad:
-                result[params["bias_ih"]] = _bias_sums(grads.gates_input, layout)
+                result[params["bias_ih"]] = input_bias_sums = _bias_sums(grads.gates_input, layout)
             if params["bias_hh"] is not None and params["bias_hh"].requires_grad:
-                result[params["bias_hh"]] = _bias_sums(grads.gates_hidden, layout)
+                same = input_bias_sums is not None and grads.gates_hidden is grads.gates_input  # LSTM and RNN
+                result[params["bias_hh"]] = input_bias_sums.clone() if same else _bias_sums(grads.gates_hidden, layout)
             if grads.projection is not None and params["weight_hr"].requires_grad:
                 result[params["weight_hr"]] = _outer_sums(*grads.projection, layout)
             if layer > 0:

@@ -90,7 +90,8 @@ class FactoredSums:
             else:
                 scaled = (activations * row.view(-1, 1, 1)).reshape(-1, activations.shape[-1])
                 sums.append(flat_backprops.t() @ scaled)
-        return torch.stack(sums).view((weights.shape[0],) + self.shape)
+        summed = sums[0].unsqueeze(0) if len(sums) == 1 else torch.stack(sums)  # one row (the step): no copy
+        return summed.view((weights.shape[0],) + self.shape)
 
     def formed(self) -> torch.Tensor:
         return torch.bmm(self.backprops.transpose(1, 2), self.activations).view((-1,) + self.shape)
@@ -133,7 +134,7 @@ class IndexedSums:
         for row in weights:
             table = rows.new_zeros(self.num_rows, rows.shape[-1])
             sums.append(table.index_add_(0, flat_index, (rows * row.view(-1, 1, 1)).reshape(-1, rows.shape[-1])))
-        return torch.stack(sums)
+        return sums[0].unsqueeze(0) if len(sums) == 1 else torch.stack(sums)
 
     def formed(self) -> torch.Tensor:
         num_microbatches, _, width = self.rows.shape

@@ -105,6 +105,18 @@ def _case(name):
             nn.Linear(96, 3),
         )
         return model, classification(torch.randn(B, 3, 12), 3)
+    if name == "few_taps_conv":  # dense convolutions with <= 16 taps per filter: per-sample products of unfolded inputs
+        model = nn.Sequential(
+            nn.Unflatten(1, (1, 6)),
+            nn.Conv2d(1, 2, (2, 3), padding="same"),  # 6 taps, asymmetric padding applied by the sampler
+            nn.Tanh(),
+            nn.Conv2d(2, 3, 2, stride=2, padding=1),  # 8 taps
+            nn.Flatten(2),
+            nn.Conv1d(3, 4, 5, stride=2, dilation=2, padding=3, bias=False),  # 15 taps
+            nn.Flatten(),
+            nn.Linear(4 * 9, 3),
+        )
+        return model, classification(torch.randn(B, 6, 8), 3)
     if name == "pointwise_conv":  # 1x1 convolutions are sampled as a Linear over positions
         model = nn.Sequential(
             nn.Conv1d(4, 6, 1),
@@ -164,6 +176,7 @@ LAYER_CASES = [
     "conv2d",
     "conv3d",
     "depthwise",
+    "few_taps_conv",
     "pointwise_conv",
     "embedding",
     "layer_norm",

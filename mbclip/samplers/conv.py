@@ -4,11 +4,13 @@ The weight gradient of a convolution over a batch is a native kernel call. Resha
 ``[B, C, ...]`` to ``[b, M*C, ...]`` and the output gradient to ``[b, M*O, ...]`` and asking for
 the weight gradient with ``M * groups`` groups gives every micro-batch's weight gradient at once:
 memory M x params, no unfolded patches. A pointwise (1x1) convolution is a Linear over positions and is
-sampled as one (formed or factored, see ``mbclip.microbatch_sums``).
+sampled as one (formed or factored, see ``mbclip.microbatch_sums``). Depthwise convolutions and dense ones with
+few taps per filter contract unfolded input windows instead (faster than the grouped kernel on CPU).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -86,6 +88,33 @@ def depthwise_weight_sums(
     return summed.reshape((summed.shape[0],) + tuple(module.weight.shape))
 
 
+# Per-sample weight gradients (then summed per micro-batch) where a filter has at most this many taps over
+# input channels: there they take less memory than the output gradient, and one batched matmul over unfolded
+# inputs beats the grouped weight-gradient kernel (3x on a speech front end's one-channel Conv2d on CPU).
+MAX_PER_SAMPLE_TAPS = 16
+
+
+def has_few_taps(module: nn.Module) -> bool:
+    """A dense 1-d or 2-d convolution whose filters see at most :data:`MAX_PER_SAMPLE_TAPS` inputs."""
+    taps = module.in_channels // module.groups * math.prod(module.kernel_size)
+    return module.groups == 1 and module.weight.dim() in (3, 4) and taps <= MAX_PER_SAMPLE_TAPS
+
+
+def few_taps_weight_sums(module: nn.Module, activations: torch.Tensor, grad_output: torch.Tensor, padding, call):
+    """``[M, *weight.shape]``: per-sample ``g @ unfold(x)^T`` in one batched matmul, summed per micro-batch."""
+    if activations.dim() == 3:  # Conv1d as a Conv2d of height 1
+        activations, grad_output = activations.unsqueeze(2), grad_output.unsqueeze(2)
+        kernel, stride, dilation = (1,) + module.kernel_size, (1,) + module.stride, (1,) + module.dilation
+        padding = (0,) + tuple(padding) if not isinstance(padding, int) else (0, padding)
+    else:
+        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    columns = F.unfold(activations, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, C*K, L]
+    rows = grad_output.reshape(grad_output.shape[0], grad_output.shape[1], -1)  # [B, O, L]
+    per_sample = torch.bmm(rows, columns.transpose(1, 2))  # [B, O, C*K]
+    summed = call.layout.sum_per_microbatch(per_sample)
+    return summed.reshape((summed.shape[0],) + tuple(module.weight.shape))
+
+
 def _positions_as_rows(tensor: torch.Tensor, call: LayerCall) -> torch.Tensor:
     """``[B, C, *S]`` -> ``[M, b * prod(S), C]``."""
     rows = tensor.flatten(2).transpose(1, 2)  # [B, prod(S), C]
@@ -111,6 +140,8 @@ def conv_sampler(module: nn.Module, call: LayerCall, grad_outputs: Sequence[Opti
     num_microbatches = call.layout.num_microbatches
     if module.weight.requires_grad and is_depthwise(module):
         result[module.weight] = depthwise_weight_sums(module, activations, grad_output, padding, call)
+    elif module.weight.requires_grad and has_few_taps(module):
+        result[module.weight] = few_taps_weight_sums(module, activations, grad_output, padding, call)
     elif module.weight.requires_grad:
         weight_grad = _WEIGHT_GRAD[module.weight.dim() - 2](
             fold_microbatches_into_channels(activations, call),

@@ -141,6 +141,14 @@ def _bounded_inputs(args, kwargs):
     return rebuild(leaves)
 
 
+def _take_watched(output) -> Sequence[torch.Tensor]:
+    """The tensors a recording forward marked with ``registry.watch`` on ``output``, removed from it."""
+    watched = getattr(output, WATCHED_ATTRIBUTE, ())
+    if watched:
+        delattr(output, WATCHED_ATTRIBUTE)
+    return watched
+
+
 def _is_float_tensor(value) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point()
 
@@ -446,7 +454,9 @@ class MicroBatchGradSampleModule(GradSampleModule):
         # Outputs that need a gradient (or needed none only because the parameters were off) go through _Keep,
         # which holds the call's inputs for the sampler with autograd's lifetime. Recorded layers (watched
         # intermediates, delivered after the layer's backward) and the fallback keep their inputs themselves.
-        watched = getattr(leaves[0], WATCHED_ATTRIBUTE, ()) if leaves and sampler is not None else ()
+        # read once and dropped: the hooks hold the watched tensors' graph nodes, not the tensors, so those that
+        # backward does not need are freed after the forward
+        watched = _take_watched(leaves[0]) if leaves and sampler is not None else ()
         kept_by_node = sampler is not None and not watched
         routed = [
             i

@@ -144,14 +144,13 @@ def _recorded_sums(
     module: nn.MultiheadAttention, call: LayerCall, grad_outputs: Sequence[Optional[torch.Tensor]]
 ) -> Dict[nn.Parameter, torch.Tensor]:
     """Micro-batch sums from what :func:`recording_forward` kept: no re-run of the attention."""
-    (d_packed,) = call.watched_grads  # [3, T, B, E]: dQ, dK, dV
+    # [T, B, 3E]: dQ dK dV of every row, columns in the order of in_proj_weight's rows
+    (d_projected,) = call.watched_grads
     context = getattr(call.outputs[0], RECORD_ATTRIBUTE)  # [T, B, E]
     grad_output = grad_outputs[0] if grad_outputs[0] is not None else torch.zeros_like(call.outputs[0])
     dtype = grad_output.dtype
-    if d_packed is None:
+    if d_projected is None:
         d_projected = context.new_zeros(context.shape[:2] + (3 * module.embed_dim,))
-    else:  # [T, B, 3E], columns in the order of in_proj_weight's rows (q, k, v)
-        d_projected = d_packed.permute(1, 2, 0, 3).reshape(context.shape[:2] + (3 * module.embed_dim,))
     time_first = dataclasses.replace(call, batch_dim=1)
     module_rows = dataclasses.replace(call, batch_dim=0 if module.batch_first else 1)
     grouped_d = grouped_rows(d_projected.to(dtype), time_first)  # [M, n, 3E]: dQ dK dV of every row

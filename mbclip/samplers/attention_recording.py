@@ -3,7 +3,7 @@
 While a model is wrapped, a plain self-attention call (``query is key is value``, a batched 3-D input, one packed
 in-projection, no ``bias_k``/``bias_v``, no zero attention) runs :func:`recording_forward`: the operations of
 ``nn.MultiheadAttention.forward`` and ``F.multi_head_attention_forward`` for that case, in the same order (so the
-same numbers, dropout included), with the packed projection ``[3, T, B, E]`` watched and the out-projection's input
+same numbers, dropout included), with the in-projection's output ``[T, B, 3E]`` watched and the out-projection's input
 kept. The backward that computes the model's gradients then delivers every sample's ``dQ, dK, dV`` and the
 sampler needs no re-run of the attention. Every other call runs the class's own forward.
 """
@@ -79,10 +79,10 @@ def recording_forward(
         attn_mask = None  # SDPA takes the causal hint instead
     elif key_padding_mask is not None:
         is_causal = False  # the padding is merged into the mask, which is no longer causal
+    # watched: its gradient [T, B, 3E] (dQ dK dV of every row) is what the in-projection's own backward needs, so
+    # the sampler reads it without a copy; the hooks do not keep the tensor itself alive (see _record_call)
     projected = watchable(F.linear(x, module.in_proj_weight, module.in_proj_bias))  # [T, B, 3E]
-    # watched: [3, T, B, E], alive anyway (attention saves its q, k, v views), unlike the projection itself
     packed = projected.unflatten(-1, (3, embed_dim)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
-    del projected
     q, k, v = packed[0], packed[1], packed[2]
     if attn_mask is not None and attn_mask.dim() == 2:
         if attn_mask.shape != (tgt_len, tgt_len):
@@ -136,5 +136,5 @@ def recording_forward(
     if module.batch_first:
         output = output.transpose(1, 0)
     setattr(output, RECORD_ATTRIBUTE, context.detach().view(tgt_len, bsz, embed_dim))
-    watch(output, [packed])
+    watch(output, [projected])
     return output, weights

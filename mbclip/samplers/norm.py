@@ -50,10 +50,15 @@ def rms_norm_sampler(module: nn.RMSNorm, call: LayerCall, grad_outputs: Sequence
 
 
 def _channel_sums(module: nn.Module, call: LayerCall, normalized: torch.Tensor, grad_output: torch.Tensor) -> Dict:
-    """Channel-wise affine gradients for ``[B, C, *spatial]`` layouts."""
-    channels = normalized.shape[1]
-    moved = [t.movedim(1, -1) for t in (normalized, grad_output)]
-    return _affine_sums(module, call, moved[0], moved[1], (channels,))
+    """Channel-wise affine gradients for ``[B, C, *spatial]`` layouts: per-sample sums over the positions (no
+    channels-last copy), then per micro-batch."""
+    positions = tuple(range(2, grad_output.dim()))
+    result = {}
+    for param, per_element in ((module.weight, lambda: grad_output * normalized), (module.bias, lambda: grad_output)):
+        if param is not None and param.requires_grad:
+            values = per_element()
+            result[param] = call.layout.sum_per_microbatch(values.sum(dim=positions) if positions else values)
+    return result
 
 
 @register_microbatch_sampler(nn.GroupNorm, batch_dim=0)

@@ -88,6 +88,28 @@ def depthwise_weight_sums(
     return summed.reshape((summed.shape[0],) + tuple(module.weight.shape))
 
 
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def depthwise_per_sample_weight_sums(module: nn.Module, activations: torch.Tensor, grad_output: torch.Tensor, padding):
+    """``[B, *weight.shape]`` at b = 1: every sample's depthwise weight gradient as one grouped convolution.
+
+    Samples times channels are the groups; each group's input is the sample's (padded) channel and its kernel the
+    output gradient, with the layer's stride as dilation and its dilation as stride:
+    ``dW[c*k + j, 0, taps] = sum_pos g[c*k + j, pos] * x[c, pos * stride + taps * dilation]``. On CPU this is several
+    times faster than the windows' contraction when every micro-batch is one sample.
+    """
+    if padding and any(padding):
+        activations = F.pad(activations, module._reversed_padding_repeated_twice)
+    batch, channels = activations.shape[:2]
+    spatial = activations.dim() - 2
+    inputs = activations.reshape((1, batch * channels) + tuple(activations.shape[2:]))
+    kernels = grad_output.reshape((batch * module.out_channels, 1) + tuple(grad_output.shape[2:]))
+    taps = _CONV[spatial](inputs, kernels, stride=module.dilation, dilation=module.stride, groups=batch * channels)
+    taps = taps[(0, slice(None)) + tuple(slice(0, k) for k in module.kernel_size)]  # the first K positions are the taps
+    return taps.reshape((batch,) + tuple(module.weight.shape))
+
+
 # Per-sample weight gradients (then summed per micro-batch) where a filter has at most this many taps over
 # input channels: there they take less memory than the output gradient, and one batched matmul over unfolded
 # inputs beats the grouped weight-gradient kernel (3x on a speech front end's one-channel Conv2d on CPU).
@@ -138,7 +160,9 @@ def conv_sampler(module: nn.Module, call: LayerCall, grad_outputs: Sequence[Opti
         activations = F.pad(activations, module._reversed_padding_repeated_twice, mode=mode)
         padding = 0
     num_microbatches = call.layout.num_microbatches
-    if module.weight.requires_grad and is_depthwise(module):
+    if module.weight.requires_grad and is_depthwise(module) and call.layout.microbatch_size == 1:
+        result[module.weight] = depthwise_per_sample_weight_sums(module, activations, grad_output, padding)
+    elif module.weight.requires_grad and is_depthwise(module):
         result[module.weight] = depthwise_weight_sums(module, activations, grad_output, padding, call)
     elif module.weight.requires_grad and has_few_taps(module):
         result[module.weight] = few_taps_weight_sums(module, activations, grad_output, padding, call)

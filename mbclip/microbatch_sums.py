@@ -31,13 +31,14 @@ class FormedSums:
 
     def norms(self) -> torch.Tensor:
         """``[M]``: the L2 norm of each micro-batch sum, in float32 at least."""
-        flat = self.sums.reshape(self.sums.shape[0], -1)
-        return torch.linalg.vector_norm(flat.float() if flat.dtype in LOW_PRECISION else flat, dim=1)
+        sums = _at_least_float32(self.sums)
+        return torch.linalg.vector_norm(sums, dim=tuple(range(1, sums.dim()))) if sums.dim() > 1 else sums.abs()
 
     def weighted_sum(self, weights: torch.Tensor, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``[K, *shape]``: ``sum_j weights[k, j] * G_j``; ``kept`` (bool ``[M]``) leaves out dropped micro-batches."""
         flat = self.sums.reshape(self.sums.shape[0], -1)
-        weights = weights.to(device=flat.device, dtype=flat.dtype)
+        if weights.dtype != flat.dtype or weights.device != flat.device:
+            weights = weights.to(device=flat.device, dtype=flat.dtype)
         if kept is not None:  # a dropped (non-finite) micro-batch must not reach the sum, not even as 0 * NaN
             flat, weights = flat[kept], weights[:, kept]
         if weights.shape == (1, 1):  # one micro-batch (b = B): a scaling, cheaper than a matmul with k = 1

@@ -222,12 +222,13 @@ class MicroBatchOptimizer(DPOptimizer):
         if checking and self.verify_gradients == "first":
             self.grad_module.check_gradients = False  # checked once: from now on samplers alone compute them
         if applied:
+            shared_row = weights.unsqueeze(0) if weights.dim() == 1 else None  # [1, M]: the same for every parameter
             for index, (p, sums) in enumerate(present):
                 if fused_check:
                     summed = summed_all[index]
                 else:
-                    weight = weights if weights.dim() == 1 else weights[:, index]
-                    summed = sums.weighted_sum(weight.unsqueeze(0), finite if num_dropped else None)[0]
+                    row = shared_row if shared_row is not None else weights[:, index].unsqueeze(0)
+                    summed = sums.weighted_sum(row, finite if num_dropped else None)[0]
                 if self.noise_multiplier > 0:
                     noise = _generate_noise(
                         std=self.noise_multiplier * self.max_grad_norm,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import gc
 import io
+import weakref
 
 import pytest
 import torch
@@ -122,3 +123,36 @@ def test_a_wrapped_model_can_be_saved_and_copied_mid_step():
     torch.save(wrapped, io.BytesIO())
     copy.deepcopy(wrapped)
     optimizer.step()
+
+
+@pytest.mark.parametrize("make_model", [AttentionClassifier, ConformerClassifier], ids=["mha", "relpos_conformer"])
+@pytest.mark.parametrize("verify_gradients", ["always", "never"])
+def test_watched_tensors_are_not_kept_alive_by_mbclip(make_model, verify_gradients, monkeypatch):
+    """What a recording forward watches is read once: after the forward only autograd (if anything) holds it, so
+    the attention's in-projection output, which backward does not need, is freed before backward."""
+    from mbclip.models import relpos_sampler
+    from mbclip.samplers import attention_recording
+
+    watched = []
+    for module in (attention_recording, relpos_sampler):
+        original = module.watch
+
+        def spy(output, tensors, original=original):
+            watched.append([weakref.ref(t) for t in tensors])
+            original(output, tensors)
+
+        monkeypatch.setattr(module, "watch", spy)
+    torch.manual_seed(0)
+    model = make_model()
+    x, y = torch.randn(6, 16, 8), torch.randint(0, 3, (6,))
+    wrapped, optimizer = _wrap(model, verify_gradients)
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(wrapped(x), y)
+        assert watched and not any(hasattr(t, "_mbclip_watched") for t in gc.get_objects() if torch.is_tensor(t))
+        if make_model is AttentionClassifier:  # the [T, B, 3E] projection: nothing in the graph saves it
+            assert all(ref() is None for ref in watched[-1])
+        loss.backward()
+        optimizer.step()
+        assert optimizer.last_step.applied
+        watched.clear()

@@ -111,15 +111,18 @@ def depthwise_per_sample_weight_sums(module: nn.Module, activations: torch.Tenso
 
 
 # Per-sample weight gradients (then summed per micro-batch) where a filter has at most this many taps over
-# input channels: there they take less memory than the output gradient, and one batched matmul over unfolded
-# inputs beats the grouped weight-gradient kernel (3x on a speech front end's one-channel Conv2d on CPU).
+# input channels: one batched matmul over unfolded inputs beats the grouped weight-gradient kernel there (3x on a
+# speech front end's one-channel Conv2d on CPU).
 MAX_PER_SAMPLE_TAPS = 16
 
 
-def has_few_taps(module: nn.Module) -> bool:
-    """A dense 1-d or 2-d convolution whose filters see at most :data:`MAX_PER_SAMPLE_TAPS` inputs."""
+def has_few_taps(module: nn.Module, grad_output: torch.Tensor) -> bool:
+    """A dense 1-d or 2-d convolution whose filters see at most :data:`MAX_PER_SAMPLE_TAPS` inputs, with at least as
+    many output positions as taps: its per-sample weight gradients then take no more memory than its output gradient.
+    """
     taps = module.in_channels // module.groups * math.prod(module.kernel_size)
-    return module.groups == 1 and module.weight.dim() in (3, 4) and taps <= MAX_PER_SAMPLE_TAPS
+    positions = math.prod(grad_output.shape[2:])
+    return module.groups == 1 and module.weight.dim() in (3, 4) and taps <= min(MAX_PER_SAMPLE_TAPS, positions)
 
 
 def few_taps_weight_sums(module: nn.Module, activations: torch.Tensor, grad_output: torch.Tensor, padding, call):
@@ -164,7 +167,7 @@ def conv_sampler(module: nn.Module, call: LayerCall, grad_outputs: Sequence[Opti
         result[module.weight] = depthwise_per_sample_weight_sums(module, activations, grad_output, padding)
     elif module.weight.requires_grad and is_depthwise(module):
         result[module.weight] = depthwise_weight_sums(module, activations, grad_output, padding, call)
-    elif module.weight.requires_grad and has_few_taps(module):
+    elif module.weight.requires_grad and has_few_taps(module, grad_output):
         result[module.weight] = few_taps_weight_sums(module, activations, grad_output, padding, call)
     elif module.weight.requires_grad:
         weight_grad = _WEIGHT_GRAD[module.weight.dim() - 2](

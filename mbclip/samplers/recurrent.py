@@ -244,8 +244,11 @@ def _direction_backward(
     bias = None if weights["bias_ih"] is None else weights["bias_ih"] + weights["bias_hh"]
     gates = _projection(x, weights["weight_ih"], bias)
     gates.view(-1, gates.shape[-1]).addmm_(h_prev.reshape(-1, h_prev.shape[-1]), w_hh.T)
+    hidden = gates.shape[-1] // 4
+    gates[..., : 2 * hidden].sigmoid_()  # in place, gates is ours: i, f, g, o activations
+    gates[..., 2 * hidden : 3 * hidden].tanh_()
+    gates[..., 3 * hidden :].sigmoid_()
     i, f, g, o = gates.chunk(4, dim=-1)
-    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
     cell = torch.empty_like(i)
     cell_prev = torch.empty_like(i)
     c_state = c0
@@ -255,14 +258,18 @@ def _direction_backward(
         cell[t] = torch.addcmul(fresh[t], f[t], c_state)
         c_state = cell[t] if valid is None else torch.where(valid_bool[t], cell[t], c_state)
     tanh_c = torch.tanh(cell)
-    # d(gates) = [dc, dc, dc, dm] * coef, written per step into dgates as [B, 4, H] views: (i, f, g) take dc, o dm
-    coef = torch.cat([g * i * (1 - i), cell_prev * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], dim=-1)
-    through_cell = o * (1 - tanh_c * tanh_c)
+    # d(gates) = [dc, dc, dc, dm] * coef, written per step into dgates as [B, 4, H] views: (i, f, g) take dc, o dm.
+    # coef = [g i (1 - i), c_prev f (1 - f), i (1 - g^2), tanh(c) o (1 - o)], each one fused kernel into its slot
+    coef = gates.new_empty(gates.shape[:2] + (4, hidden))
+    aten = torch.ops.aten
+    aten.sigmoid_backward.grad_input(g, i, grad_input=coef[:, :, 0])
+    aten.sigmoid_backward.grad_input(cell_prev, f, grad_input=coef[:, :, 1])
+    aten.tanh_backward.grad_input(i, g, grad_input=coef[:, :, 2])
+    aten.sigmoid_backward.grad_input(tanh_c, o, grad_input=coef[:, :, 3])
+    through_cell = aten.tanh_backward(o, tanh_c)  # o (1 - tanh(c)^2)
     if valid is not None:  # padded steps get no gate gradient (all-valid batches skip the multiplications)
-        coef = coef * mask
-        through_cell = through_cell * mask
-    hidden = i.shape[-1]
-    coef = coef.view(coef.shape[:2] + (4, hidden))
+        coef.mul_(mask.unsqueeze(2))
+        through_cell.mul_(mask)
     dgates_by_gate = dgates.view(coef.shape)
     forget = f if valid is None else torch.where(valid_bool, f, torch.ones_like(f))
     w_hr = weights.get("weight_hr")

@@ -214,7 +214,8 @@ def _direction_backward(
     passing = None if valid is None else 1.0 - mask  # where a step is padding, the state gradient passes through
     if mode in ("RNN_TANH", "RNN_RELU"):
         slope = (1 - output * output) if mode == "RNN_TANH" else (output > 0).to(x.dtype)
-        slope = slope * mask
+        if valid is not None:
+            slope = slope * mask
         for t in _steps(total, reverse, backward=True):
             dh = dh_state + grad_output[t]
             dgates[t] = dh * slope[t]
@@ -229,9 +230,11 @@ def _direction_backward(
         z = torch.sigmoid(gx_z + gh_z)
         n = torch.tanh(gx_n + r * gh_n)
         da = (1 - z) * (1 - n * n)
-        coef_input = torch.cat([da * gh_n * r * (1 - r), (h_prev - n) * z * (1 - z), da], dim=-1) * mask
+        coef_input = torch.cat([da * gh_n * r * (1 - r), (h_prev - n) * z * (1 - z), da], dim=-1)
+        if valid is not None:
+            coef_input = coef_input * mask
         coef_hidden = torch.cat([coef_input[..., : 2 * n.shape[-1]], coef_input[..., 2 * n.shape[-1] :] * r], dim=-1)
-        keep = torch.where(valid_bool, z, torch.ones_like(z))
+        keep = z if valid is None else torch.where(valid_bool, z, torch.ones_like(z))
         dh_total = torch.empty_like(output)
         for t in _steps(total, reverse, backward=True):
             dh = dh_state + grad_output[t]

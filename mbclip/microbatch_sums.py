@@ -10,7 +10,8 @@ with the activations: the book-keeping pass, as cheap as autograd's own weight g
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from collections import Counter
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
@@ -29,7 +30,7 @@ class FormedSums:
     def num_microbatches(self) -> int:
         return self.sums.shape[0]
 
-    def norms(self) -> torch.Tensor:
+    def norms(self, grams: Optional[GramCache] = None) -> torch.Tensor:
         """``[M]``: the L2 norm of each micro-batch sum, in float32 at least."""
         sums = _at_least_float32(self.sums)
         return torch.linalg.vector_norm(sums, dim=tuple(range(1, sums.dim()))) if sums.dim() > 1 else sums.abs()
@@ -65,15 +66,16 @@ class FactoredSums:
     def num_microbatches(self) -> int:
         return self.backprops.shape[0]
 
-    def norms(self) -> torch.Tensor:
-        """``[M]`` ghost norms from the Gram matrices of the two factors, chunked to bound memory."""
+    def norms(self, grams: Optional[GramCache] = None) -> torch.Tensor:
+        """``[M]`` ghost norms from the Gram matrices of the two factors, chunked to bound memory; ``grams`` shares
+        the Gram matrices of a factor that other parameters' sums use too."""
         rows = self.backprops.shape[1]
         chunk = max(1, MAX_GRAM_ELEMENTS // max(rows * rows, 1))
         squared = []
         for first in range(0, self.num_microbatches, chunk):
-            g, a = (_at_least_float32(t[first : first + chunk]) for t in (self.backprops, self.activations))
-            squared.append((torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum(dim=(1, 2)))
-        return torch.cat(squared).clamp_min(0).sqrt()
+            g, a = (_gram(t, first, first + chunk, grams) for t in (self.backprops, self.activations))
+            squared.append((g * a).sum(dim=(1, 2)))
+        return (squared[0] if len(squared) == 1 else torch.cat(squared)).clamp_min(0).sqrt()
 
     def weighted_sum(self, weights: torch.Tensor, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``[K, *shape]``: one matmul per row of ``weights`` over every micro-batch's rows at once."""
@@ -114,7 +116,7 @@ class IndexedSums:
     def num_microbatches(self) -> int:
         return self.rows.shape[0]
 
-    def norms(self) -> torch.Tensor:
+    def norms(self, grams: Optional[GramCache] = None) -> torch.Tensor:
         rows = self.rows.shape[1]
         chunk = max(1, MAX_GRAM_ELEMENTS // max(rows * rows, 1))
         squared = []
@@ -161,8 +163,8 @@ class StackedSums:
             yield part, slice(first, first + part.num_microbatches)
             first += part.num_microbatches
 
-    def norms(self) -> torch.Tensor:
-        return torch.cat([part.norms() for part in self.parts])
+    def norms(self, grams: Optional[GramCache] = None) -> torch.Tensor:
+        return torch.cat([part.norms(grams) for part in self.parts])
 
     def weighted_sum(self, weights: torch.Tensor, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
         total = None
@@ -180,6 +182,59 @@ MicroBatchSums = Union[FormedSums, FactoredSums, IndexedSums, StackedSums]
 
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float() if tensor.dtype in LOW_PRECISION else tensor
+
+
+FactorKey = Tuple[object, ...]
+
+
+def _factor_key(tensor: torch.Tensor) -> FactorKey:
+    """Equal for two views of the same numbers (same memory, shape and strides), as factors often are."""
+    return (tensor.device, tensor.dtype, tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+
+
+class GramCache:
+    """Gram matrices ``t_j t_j^T`` of the factors that several parameters' sums share, computed once per step.
+
+    An LSTM layer's input and hidden weights share their gate gradients, a rel-pos attention's q, k and v
+    projections their input: their ghost norms then need that factor's Gram matrices once. Only factors used more
+    than once are kept (each Gram matrix is smaller than its factor), and only for one step's norms.
+    """
+
+    def __init__(self, shared: Set[FactorKey]):
+        self._shared = shared
+        self._grams: Dict[Tuple[FactorKey, int], torch.Tensor] = {}
+
+    @classmethod
+    def of_shared_factors(cls, sums: Sequence[Optional[MicroBatchSums]]) -> GramCache:
+        counts = Counter(_factor_key(t) for part in sums for t in _factors_of(part))
+        return cls({key for key, count in counts.items() if count > 1})
+
+    def gram(self, tensor: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        key = _factor_key(tensor)
+        if key not in self._shared:
+            return _compute_gram(tensor[first:last])
+        gram = self._grams.get((key, first))
+        if gram is None:
+            gram = self._grams[(key, first)] = _compute_gram(tensor[first:last])
+        return gram
+
+
+def _factors_of(sums: Optional[MicroBatchSums]) -> Iterator[torch.Tensor]:
+    if isinstance(sums, FactoredSums):
+        yield sums.backprops
+        yield sums.activations
+    elif isinstance(sums, StackedSums):
+        for part in sums.parts:
+            yield from _factors_of(part)
+
+
+def _compute_gram(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = _at_least_float32(tensor)
+    return torch.bmm(tensor, tensor.transpose(1, 2))
+
+
+def _gram(tensor: torch.Tensor, first: int, last: int, grams: Optional[GramCache]) -> torch.Tensor:
+    return grams.gram(tensor, first, last) if grams is not None else _compute_gram(tensor[first:last])
 
 
 def prefers_factors(rows: int, out_features: int, in_features: int) -> bool:

@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 from mbclip import clipping as rules
 from mbclip.errors import BatchError, ConfigurationError, NonFiniteGradientWarning
 from mbclip.grad_module import MicroBatchGradients, MicroBatchGradSampleModule
+from mbclip.microbatch_sums import GramCache
 
 NONFINITE_POLICIES = ("skip", "raise")
 # When the micro-batch gradients are checked against autograd's: on the first step, every step, or never.
@@ -183,7 +184,9 @@ class MicroBatchOptimizer(DPOptimizer):
     def _apply(self, collected: MicroBatchGradients) -> None:
         params = self.params
         present = [(p, sums) for p, sums in zip(params, collected.sums) if sums is not None]
-        raw_norms = torch.stack([sums.norms() for _, sums in present], dim=1)  # [M, P']: norms of the sums
+        grams = GramCache.of_shared_factors([sums for _, sums in present])  # shared factors' Gram matrices once
+        raw_norms = torch.stack([sums.norms(grams) for _, sums in present], dim=1)  # [M, P']: norms of the sums
+        del grams
         scales = collected.scales.to(device=raw_norms.device, dtype=raw_norms.dtype)
         per_param_norms = raw_norms * scales.unsqueeze(1)  # norms of the micro-batch gradients
         norms = rules.total_norms(per_param_norms)

@@ -179,3 +179,22 @@ def test_tied_weights_twice_in_one_pass(forced_form):
     losses(wrapped, slice(None)).mean().backward()
     assert clipped.pre_step()
     assert_close_update([p.grad for p in model.parameters()], expected.update)
+
+
+def test_shared_factors_gram_matrices_are_computed_once_and_change_no_norm(monkeypatch):
+    """An LSTM's two weights share their gate gradients (q, k, v projections their input): one Gram matrix each."""
+    gates, inputs, hidden = torch.randn(4, 3, 8), torch.randn(4, 3, 5), torch.randn(4, 3, 2)
+    first = FactoredSums(gates, inputs, (8, 5))
+    second = FactoredSums(gates.view(4, 3, 8), hidden, (8, 2))  # another view of the same numbers
+    stacked = StackedSums([FactoredSums(*_factors(), (5, 6)), FormedSums(torch.randn(4, 5, 6))])
+    expected = [sums.norms() for sums in (first, second, stacked)]
+    computed = []
+    original = microbatch_sums._compute_gram
+    monkeypatch.setattr(microbatch_sums, "_compute_gram", lambda t: computed.append(t.shape) or original(t))
+    grams = microbatch_sums.GramCache.of_shared_factors([first, second, stacked, None])
+    actual = [sums.norms(grams) for sums in (first, second, stacked)]
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    assert computed.count(torch.Size([4, 3, 8])) == 1  # the shared gate gradients
+    assert len(computed) == 5  # gates once, inputs, hidden, and the stacked part's two factors
+    assert len(grams._grams) == 1  # only the shared factor's Gram matrices are kept

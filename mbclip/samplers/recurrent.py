@@ -312,6 +312,13 @@ def _grouped(tensor: torch.Tensor, layout: MicroBatchLayout) -> torch.Tensor:
     return grouped.reshape(grouped.shape[0], -1, grouped.shape[-1])
 
 
+def _grouped_once(tensor: torch.Tensor, layout: MicroBatchLayout, done: Dict[int, torch.Tensor]) -> torch.Tensor:
+    """:func:`_grouped`, reusing the result for a tensor already grouped (``done`` maps ``id`` to it)."""
+    if id(tensor) not in done:
+        done[id(tensor)] = _grouped(tensor, layout)
+    return done[id(tensor)]
+
+
 def _outer_sums(left: torch.Tensor, right: torch.Tensor, layout: MicroBatchLayout):
     """Per micro-batch, the sum over its samples and steps of ``left_t right_t^T`` (formed or factored)."""
     return outer_product_sums(_grouped(left, layout), _grouped(right, layout))
@@ -393,10 +400,15 @@ def recurrent_sampler(
                 reverse=bool(direction),
             )
             params = {name: getattr(module, name + suffix, None) for name in weights}
+            # each tensor grouped once: an LSTM's (and RNN's) two weights share their gate gradients, so their
+            # factored sums share one tensor (and the step its Gram matrices, see microbatch_sums.GramCache)
+            grouped: Dict[int, torch.Tensor] = {}
             if params["weight_ih"].requires_grad:
-                result[params["weight_ih"]] = _outer_sums(grads.gates_input, x, layout)
+                rows = [_grouped_once(t, layout, grouped) for t in (grads.gates_input, x)]
+                result[params["weight_ih"]] = outer_product_sums(*rows)
             if params["weight_hh"].requires_grad:
-                result[params["weight_hh"]] = _outer_sums(grads.gates_hidden, grads.hidden_prev, layout)
+                rows = [_grouped_once(t, layout, grouped) for t in (grads.gates_hidden, grads.hidden_prev)]
+                result[params["weight_hh"]] = outer_product_sums(*rows)
             input_bias_sums = None
             if params["bias_ih"] is not None and params["bias_ih"].requires_grad:
                 result[params["bias_ih"]] = input_bias_sums = _bias_sums(grads.gates_input, layout)

@@ -4,8 +4,9 @@ The weight gradient of a convolution over a batch is a native kernel call. Resha
 ``[B, C, ...]`` to ``[b, M*C, ...]`` and the output gradient to ``[b, M*O, ...]`` and asking for
 the weight gradient with ``M * groups`` groups gives every micro-batch's weight gradient at once:
 memory M x params, no unfolded patches. A pointwise (1x1) convolution is a Linear over positions and is
-sampled as one (formed or factored, see ``mbclip.microbatch_sums``). Depthwise convolutions and dense ones with
-few taps per filter contract unfolded input windows instead (faster than the grouped kernel on CPU).
+sampled as one (formed or factored, see ``mbclip.microbatch_sums``). Faster on CPU for their shapes: depthwise
+convolutions contract input windows (at b = 1: one grouped convolution of inputs by output gradients), and dense ones
+with few taps per filter take per-sample products of unfolded inputs.
 """
 
 from __future__ import annotations

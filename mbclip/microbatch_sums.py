@@ -69,11 +69,12 @@ class FactoredSums:
     def norms(self, grams: Optional[GramCache] = None) -> torch.Tensor:
         """``[M]`` ghost norms from the Gram matrices of the two factors, chunked to bound memory; ``grams`` shares
         the Gram matrices of a factor that other parameters' sums use too."""
+        grams = grams if grams is not None else GramCache(set())
         rows = self.backprops.shape[1]
         chunk = max(1, MAX_GRAM_ELEMENTS // max(rows * rows, 1))
         squared = []
         for first in range(0, self.num_microbatches, chunk):
-            g, a = (_gram(t, first, first + chunk, grams) for t in (self.backprops, self.activations))
+            g, a = (grams.gram(t, first, first + chunk) for t in (self.backprops, self.activations))
             squared.append((g * a).sum(dim=(1, 2)))
         return (squared[0] if len(squared) == 1 else torch.cat(squared)).clamp_min(0).sqrt()
 
@@ -231,10 +232,6 @@ def _factors_of(sums: Optional[MicroBatchSums]) -> Iterator[torch.Tensor]:
 def _compute_gram(tensor: torch.Tensor) -> torch.Tensor:
     tensor = _at_least_float32(tensor)
     return torch.bmm(tensor, tensor.transpose(1, 2))
-
-
-def _gram(tensor: torch.Tensor, first: int, last: int, grams: Optional[GramCache]) -> torch.Tensor:
-    return grams.gram(tensor, first, last) if grams is not None else _compute_gram(tensor[first:last])
 
 
 def prefers_factors(rows: int, out_features: int, in_features: int) -> bool:

@@ -186,7 +186,7 @@ class MicroBatchOptimizer(DPOptimizer):
         present = [(p, sums) for p, sums in zip(params, collected.sums) if sums is not None]
         grams = GramCache.of_shared_factors([sums for _, sums in present])  # shared factors' Gram matrices once
         raw_norms = torch.stack([sums.norms(grams) for _, sums in present], dim=1)  # [M, P']: norms of the sums
-        del grams
+        del grams  # the cached Gram matrices are not needed for the update
         scales = collected.scales.to(device=raw_norms.device, dtype=raw_norms.dtype)
         per_param_norms = raw_norms * scales.unsqueeze(1)  # norms of the micro-batch gradients
         norms = rules.total_norms(per_param_norms)

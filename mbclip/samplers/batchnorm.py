@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbclip.layers.batchnorm import MICROBATCH_BATCHNORMS, normalize_per_microbatch, uses_batch_statistics
-from mbclip.samplers.norm import _channel_sums
+from mbclip.samplers.norm import channel_affine_sums
 from mbclip.samplers.registry import LayerCall, register_microbatch_sampler
 
 
@@ -31,4 +31,4 @@ def batch_norm_sampler(module: nn.Module, call: LayerCall, grad_outputs: Sequenc
             normalized = F.batch_norm(
                 activations, module.running_mean, module.running_var, None, None, False, 0.0, module.eps
             )
-    return _channel_sums(module, call, normalized, grad_output)
+    return channel_affine_sums(module, call, normalized, grad_output)

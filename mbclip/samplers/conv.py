@@ -48,11 +48,16 @@ def is_depthwise(module: nn.Module) -> bool:
     return module.groups > 1 and module.in_channels == module.groups
 
 
+def _zero_padded(activations: torch.Tensor, module: nn.Module, padding) -> torch.Tensor:
+    """The input with the module's own numeric zero padding applied (the sampler padded any other kind already)."""
+    if padding and any(padding):
+        return F.pad(activations, module._reversed_padding_repeated_twice)
+    return activations
+
+
 def _windows(activations: torch.Tensor, module: nn.Module, padding) -> torch.Tensor:
     """``[B, C, *S]`` -> ``[B, C, *O, *K]``: the input under each kernel tap at each output position (a view)."""
-    if padding and any(padding):  # the module's own numeric zero padding (the sampler padded any other kind)
-        activations = F.pad(activations, module._reversed_padding_repeated_twice)
-    windows = activations
+    windows = _zero_padded(activations, module, padding)
     for dim, (kernel, stride, dilation) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
         windows = windows.unfold(2 + dim, dilation * (kernel - 1) + 1, stride)  # window appended as last dim
         if dilation > 1:
@@ -100,8 +105,7 @@ def depthwise_per_sample_weight_sums(module: nn.Module, activations: torch.Tenso
     ``dW[c*k + j, 0, taps] = sum_pos g[c*k + j, pos] * x[c, pos * stride + taps * dilation]``. On CPU this is several
     times faster than the windows' contraction when every micro-batch is one sample.
     """
-    if padding and any(padding):
-        activations = F.pad(activations, module._reversed_padding_repeated_twice)
+    activations = _zero_padded(activations, module, padding)
     batch, channels = activations.shape[:2]
     spatial = activations.dim() - 2
     inputs = activations.reshape((1, batch * channels) + tuple(activations.shape[2:]))

@@ -15,18 +15,33 @@ from torch import nn
 from mbclip.samplers.registry import LayerCall, batch_to_front, register_microbatch_sampler
 
 
-def _affine_sums(
-    module: nn.Module, call: LayerCall, normalized: torch.Tensor, grad_output: torch.Tensor, feature_shape
-) -> Dict:
-    """Micro-batch sums of ``grad * x_hat`` (weight) and ``grad`` (bias), over all but the feature dims."""
-    batch_size = normalized.shape[0]
+def _affine_sums(module: nn.Module, call: LayerCall, normalized: torch.Tensor, grad_output: torch.Tensor, per_sample):
+    """Micro-batch sums of ``grad * x_hat`` (weight) and ``grad`` (bias): ``per_sample`` takes a ``[B, ...]`` tensor
+    to ``[B, *param.shape]`` (each sample's sum), then each micro-batch's samples are summed."""
+    weight, bias = module.weight, getattr(module, "bias", None)
     result = {}
-    for param, per_element in ((module.weight, grad_output * normalized), (getattr(module, "bias", None), grad_output)):
-        if param is None or not param.requires_grad:
-            continue
-        grouped = call.layout.group(per_element.reshape((batch_size, -1) + tuple(feature_shape)))
-        result[param] = grouped.sum(dim=(1, 2)).reshape((grouped.shape[0],) + tuple(param.shape))
+    if weight is not None and weight.requires_grad:
+        result[weight] = call.layout.sum_per_microbatch(per_sample(grad_output * normalized))
+    if bias is not None and bias.requires_grad:
+        result[bias] = call.layout.sum_per_microbatch(per_sample(grad_output))
     return result
+
+
+def _feature_sums(feature_shape):
+    """``per_sample`` for a norm over trailing feature dims: ``[B, ..., *features]`` -> ``[B, *features]``."""
+    return lambda t: t.reshape((t.shape[0], -1) + tuple(feature_shape)).sum(dim=1)
+
+
+def _per_channel(tensor: torch.Tensor) -> torch.Tensor:
+    """``per_sample`` for a channel-wise norm: ``[B, C, *positions]`` -> ``[B, C]``, no channels-last copy."""
+    return tensor.sum(dim=tuple(range(2, tensor.dim()))) if tensor.dim() > 2 else tensor
+
+
+def channel_affine_sums(
+    module: nn.Module, call: LayerCall, normalized: torch.Tensor, grad_output: torch.Tensor
+) -> Dict:
+    """Affine sums of a channel-wise norm (GroupNorm, InstanceNorm, BatchNorm) on ``[B, C, *positions]``."""
+    return _affine_sums(module, call, normalized, grad_output, _per_channel)
 
 
 @register_microbatch_sampler(nn.LayerNorm)
@@ -36,7 +51,7 @@ def layer_norm_sampler(module: nn.LayerNorm, call: LayerCall, grad_outputs: Sequ
     grad_output = batch_to_front(grad_outputs[0], call.batch_dim)
     activations = batch_to_front(call.input, call.batch_dim).to(grad_output.dtype)
     normalized = F.layer_norm(activations, module.normalized_shape, eps=module.eps)
-    return _affine_sums(module, call, normalized, grad_output, module.normalized_shape)
+    return _affine_sums(module, call, normalized, grad_output, _feature_sums(module.normalized_shape))
 
 
 @register_microbatch_sampler(nn.RMSNorm)
@@ -46,19 +61,7 @@ def rms_norm_sampler(module: nn.RMSNorm, call: LayerCall, grad_outputs: Sequence
     grad_output = batch_to_front(grad_outputs[0], call.batch_dim)
     activations = batch_to_front(call.input, call.batch_dim).to(grad_output.dtype)
     normalized = F.rms_norm(activations, module.normalized_shape, eps=module.eps)
-    return _affine_sums(module, call, normalized, grad_output, module.normalized_shape)
-
-
-def _channel_sums(module: nn.Module, call: LayerCall, normalized: torch.Tensor, grad_output: torch.Tensor) -> Dict:
-    """Channel-wise affine gradients for ``[B, C, *spatial]`` layouts: per-sample sums over the positions (no
-    channels-last copy), then per micro-batch."""
-    positions = tuple(range(2, grad_output.dim()))
-    result = {}
-    for param, per_element in ((module.weight, lambda: grad_output * normalized), (module.bias, lambda: grad_output)):
-        if param is not None and param.requires_grad:
-            values = per_element()
-            result[param] = call.layout.sum_per_microbatch(values.sum(dim=positions) if positions else values)
-    return result
+    return _affine_sums(module, call, normalized, grad_output, _feature_sums(module.normalized_shape))
 
 
 @register_microbatch_sampler(nn.GroupNorm, batch_dim=0)
@@ -67,7 +70,7 @@ def group_norm_sampler(module: nn.GroupNorm, call: LayerCall, grad_outputs: Sequ
         return {}
     grad_output = grad_outputs[0]
     normalized = F.group_norm(call.input.to(grad_output.dtype), module.num_groups, eps=module.eps)
-    return _channel_sums(module, call, normalized, grad_output)
+    return channel_affine_sums(module, call, normalized, grad_output)
 
 
 @register_microbatch_sampler(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, batch_dim=0)
@@ -76,4 +79,4 @@ def instance_norm_sampler(module: nn.Module, call: LayerCall, grad_outputs: Sequ
         return {}
     grad_output = grad_outputs[0]
     normalized = F.instance_norm(call.input.to(grad_output.dtype), eps=module.eps)
-    return _channel_sums(module, call, normalized, grad_output)
+    return channel_affine_sums(module, call, normalized, grad_output)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List
 
 import torch
 
@@ -33,6 +34,11 @@ class MicroBatchLayout:
     def microbatch_index(self, device=None) -> torch.Tensor:
         """Micro-batch id of every sample, shape ``[B]``."""
         return torch.arange(self.batch_size, device=device) // self.microbatch_size
+
+    def microbatch_slices(self) -> List[slice]:
+        """Each micro-batch's samples as a slice of dim 0 (the last may be shorter)."""
+        b = self.microbatch_size
+        return [slice(start, min(start + b, self.batch_size)) for start in range(0, self.batch_size, b)]
 
     def group(self, tensor: torch.Tensor) -> torch.Tensor:
         """``[B, ...] -> [M, b, ...]``; the ragged last micro-batch is padded with zeros.

@@ -117,6 +117,15 @@ def _case(name):
             nn.Linear(4 * 9, 3),
         )
         return model, classification(torch.randn(B, 6, 8), 3)
+    if name == "wide_conv":  # over 32 input channels per group: the grouped kernel also for 3 and 4 micro-batches
+        model = nn.Sequential(
+            nn.Conv1d(40, 66, 3, padding=1),
+            nn.Tanh(),
+            nn.Conv1d(66, 4, 3, groups=2),  # 33 input channels per group
+            nn.Flatten(),
+            nn.Linear(4 * 4, 3),
+        )
+        return model, classification(torch.randn(B, 40, 6), 3)
     if name == "pointwise_conv":  # 1x1 convolutions are sampled as a Linear over positions
         model = nn.Sequential(
             nn.Conv1d(4, 6, 1),
@@ -177,6 +186,7 @@ LAYER_CASES = [
     "conv3d",
     "depthwise",
     "few_taps_conv",
+    "wide_conv",
     "pointwise_conv",
     "embedding",
     "layer_norm",

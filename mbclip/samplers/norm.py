@@ -17,13 +17,14 @@ from mbclip.samplers.registry import LayerCall, batch_to_front, register_microba
 
 def _affine_sums(module: nn.Module, call: LayerCall, normalized: torch.Tensor, grad_output: torch.Tensor, per_sample):
     """Micro-batch sums of ``grad * x_hat`` (weight) and ``grad`` (bias): ``per_sample`` takes a ``[B, ...]`` tensor
-    to ``[B, *param.shape]`` (each sample's sum), then each micro-batch's samples are summed."""
+    to ``[B, *param.shape]`` (each sample's sum), then each micro-batch's samples are summed. ``normalized`` is a
+    temporary of the caller's, of ``grad_output``'s shape and dtype; it is overwritten (no second temporary)."""
     weight, bias = module.weight, getattr(module, "bias", None)
     result = {}
-    if weight is not None and weight.requires_grad:
-        result[weight] = call.layout.sum_per_microbatch(per_sample(grad_output * normalized))
     if bias is not None and bias.requires_grad:
         result[bias] = call.layout.sum_per_microbatch(per_sample(grad_output))
+    if weight is not None and weight.requires_grad:  # ``normalized`` is the sampler's own: multiplied in place
+        result[weight] = call.layout.sum_per_microbatch(per_sample(normalized.mul_(grad_output)))
     return result
 
 
@@ -40,7 +41,8 @@ def _per_channel(tensor: torch.Tensor) -> torch.Tensor:
 def channel_affine_sums(
     module: nn.Module, call: LayerCall, normalized: torch.Tensor, grad_output: torch.Tensor
 ) -> Dict:
-    """Affine sums of a channel-wise norm (GroupNorm, InstanceNorm, BatchNorm) on ``[B, C, *positions]``."""
+    """Affine sums of a channel-wise norm (GroupNorm, InstanceNorm, BatchNorm) on ``[B, C, *positions]``
+    (``normalized`` is overwritten)."""
     return _affine_sums(module, call, normalized, grad_output, _per_channel)
 
 

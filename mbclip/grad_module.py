@@ -10,6 +10,10 @@ step and, on checked steps, checks them against the plain gradient autograd comp
 On unchecked steps (``check_gradients = False``) autograd is spared the weight gradients that a
 sampler computes anyway: a layer's parameters stop requiring grad for the duration of its forward,
 so backward computes only the input gradients plus, once, the sampler's micro-batch sums.
+
+A *whole pass* (unchecked step, the batch is one micro-batch: ``microbatch_size >= B``) records nothing: its one
+micro-batch gradient is autograd's own gradient. When its backward reaches the model's output, every ``p.grad``
+is set aside; at the end of that backward the new ``p.grad`` is taken as the pass's sums and the old one put back.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from mbclip.microbatch_sums import FormedSums, MicroBatchSums, add_sums, as_sums
 from mbclip.output_hooks import InputBoundary, is_unrecorded, on_output_gradients
 from mbclip.samplers import MICROBATCH_SAMPLERS, UNSUPPORTED_LAYERS, LayerCall, MicroBatchSampler
 from mbclip.samplers.autograd_fallback import autograd_microbatch_sums, infer_batch_dim
-from mbclip.samplers.registry import WATCHED_ATTRIBUTE
+from mbclip.samplers.registry import WATCHED_ATTRIBUTE, mark_class_forward
 
 LOSS_REDUCTIONS = ("mean", "sum")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -290,6 +294,14 @@ class MicroBatchGradSampleModule(GradSampleModule):
         self.grad_snapshots: Dict[nn.Parameter, Tuple[Optional[torch.Tensor], int]] = {}
         # sampled parameters that some call of the step left to autograd (their p.grad is autograd's, partly)
         self.autograd_kept: Dict[nn.Parameter, None] = {}
+        # whole passes (see the module docstring), each with the trainable parameters at its forward, and the
+        # other passes in which autograd wrote some p.grad (the fallback, kept parameters): sharing a backward
+        # with a whole pass, they would mix into its gradient
+        self._whole_passes: Dict[int, List[nn.Parameter]] = {}
+        self._grad_writing_passes: set = set()
+        # parameters of calls that autograd differentiates (the fallback, samplers that need autograd): autograd
+        # writes their p.grad in any pass, so a whole pass's snapshot of them says nothing at the step
+        self.autograd_written: Dict[nn.Parameter, None] = {}
 
     def current_layout(self) -> Optional[MicroBatchLayout]:
         """The micro-batch layout of the pass being recorded now; ``None`` outside a recorded forward."""
@@ -324,17 +336,121 @@ class MicroBatchGradSampleModule(GradSampleModule):
         if self._recomputing:
             self.close_recomputation()
         recording = self.hooks_enabled and self.training and torch.is_grad_enabled()
+        whole = False
         if recording:
-            self._pass_batch_sizes.append(self._batch_size_of(args, kwargs))
+            batch_size = self._batch_size_of(args, kwargs)
+            whole = self._is_whole_pass(batch_size)
+            self._pass_batch_sizes.append(batch_size)
             self._current_pass = len(self._pass_batch_sizes) - 1
             self._claimed = {}
+            if whole:
+                self._open_whole_pass(self._current_pass)
         try:
-            return self._module(*args, **kwargs)
+            output = self._module(*args, **kwargs)
+            if whole:
+                self._hook_whole_pass(self._current_pass, output)
+            return output
         finally:
             self._current_pass = None
             while self._switched_off:  # a forward that raised: give every parameter its requires_grad back
                 for p in self._switched_off.pop():
                     p.requires_grad_(True)
+
+    # -- whole passes: one micro-batch, its gradient from autograd ------------------------------
+
+    def _is_whole_pass(self, batch_size: int) -> bool:
+        """An unchecked pass of one micro-batch, with every earlier pass of the step through its backward (so that
+        no other pass's backward can write ``p.grad`` while this one's gradient is taken)."""
+        if self.check_gradients or not 0 < batch_size <= self.microbatch_size:
+            return False
+        if torch._C._current_graph_task_id() >= 0:  # a forward inside backward (checkpointing the whole model)
+            return False
+        return all(k in self._pass_tasks or k in self._dropped_passes for k in range(len(self._pass_batch_sizes)))
+
+    def _open_whole_pass(self, pass_index: int) -> None:
+        params = trainable(self._module)
+        for p in params:  # autograd's p.grad is put back after each backward: at the step it must be unchanged
+            if p not in self.grad_snapshots:
+                self.grad_snapshots[p] = (p.grad, p.grad._version if p.grad is not None else 0)
+        self._whole_passes[pass_index] = params
+
+    def _hook_whole_pass(self, pass_index: int, output) -> None:
+        leaves, _ = flatten(output)
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                self._open_hooks.append(leaf.register_hook(partial(self._on_whole_pass_output_grad, pass_index)))
+
+    def _on_whole_pass_output_grad(self, pass_index: int, grad: torch.Tensor) -> None:
+        """The pass's backward reached the model's output (once per backward): set every ``p.grad`` aside before
+        autograd accumulates into it, and take the pass's gradient when this backward ends."""
+        task = torch._C._current_graph_task_id()
+        tasks = self._pass_tasks.setdefault(pass_index, set())
+        if task in tasks or not self.hooks_enabled:
+            return None
+        tasks.add(task)
+        self._dropped_passes.discard(pass_index)
+        params = self._whole_passes[pass_index]
+        set_aside = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        take = partial(self._take_whole_pass_gradient, pass_index, task, set_aside)
+        torch.autograd.Variable._execution_engine.queue_callback(take)
+        return None
+
+    def _take_whole_pass_gradient(self, pass_index: int, task: int, set_aside: List[Optional[torch.Tensor]]) -> None:
+        params = self._whole_passes[pass_index]
+        grads = [p.grad for p in params]
+        for p, grad in zip(params, set_aside):
+            p.grad = grad
+        shared = [k for k, tasks in self._pass_tasks.items() if k != pass_index and task in tasks]
+        if any(k in self._whole_passes or k in self._grad_writing_passes for k in shared):
+            raise BatchError(
+                f"one backward() covered {len(shared) + 1} forward passes, and one of them is a whole micro-batch "
+                "(microbatch_size >= its batch size), whose gradient mbclip takes from autograd: their gradients "
+                "cannot be told apart. Call backward() after each forward pass (several forward/backward pairs "
+                "before one step() are fine)."
+            )
+        for p, grad in zip(params, grads):
+            if grad is not None:
+                self._take_gradient(p, pass_index, grad)
+
+    def _take_untracked_whole_pass(self, pass_index: int) -> None:
+        """At the step, a whole pass whose backward never reached the model's output (its output holds no tensor
+        mbclip can hook, or the loss was taken elsewhere): ``p.grad`` is its gradient if it was ``None`` at the
+        forward and no other pass wrote it; otherwise refused."""
+        changed = []
+        for p in self._whole_passes[pass_index]:
+            before, version = self.grad_snapshots[p]
+            if p.grad is not None and not (p.grad is before and p.grad._version == version):
+                changed.append((p, before))
+        if not changed:
+            return  # no backward reached this pass
+        if any(before is not None or p in self.autograd_written for p, before in changed):
+            raise BatchError(
+                "the backward of a whole micro-batch (microbatch_size >= its batch size) did not pass through the "
+                "model's output tensors, so mbclip cannot tell its gradient from what p.grad held before. Return "
+                "tensors (or tuples, lists or dicts of them) from the model and take the loss from them, and call "
+                "optimizer.zero_grad() before the forward."
+            )
+        for p, _ in changed:
+            grad, p.grad = p.grad, None
+            self._take_gradient(p, pass_index, grad)
+
+    def _take_gradient(self, param: nn.Parameter, pass_index: int, grad: torch.Tensor) -> None:
+        """Autograd's ``grad`` of ``param`` as a whole pass's one micro-batch sum."""
+        grad = grad.detach()
+        if grad.layout != torch.strided:
+            grad = grad.to_dense()
+        if grad.dtype in LOW_PRECISION:
+            grad = grad.float()
+        self._add_sums(param, pass_index, FormedSums(grad.unsqueeze(0)))
+
+    def _add_sums(self, param: nn.Parameter, pass_index: int, microbatch_sums: MicroBatchSums) -> None:
+        per_pass = self._sums.setdefault(param, {})
+        if pass_index in per_pass:
+            per_pass[pass_index] = add_sums(per_pass[pass_index], microbatch_sums)
+        else:
+            per_pass[pass_index] = microbatch_sums
 
     def _batch_size_of(self, args: Sequence, kwargs: Dict) -> int:
         first = _first_tensor(args, kwargs)
@@ -406,17 +522,30 @@ class MicroBatchGradSampleModule(GradSampleModule):
 
     def _before_forward(self, module: nn.Module, args, kwargs, *, layer: HookedLayer):
         """Before a recorded call: switch off the gradients autograd need not compute (unchecked steps), and put a
-        boundary on the inputs of calls that the autograd fallback will differentiate."""
+        boundary on the inputs of calls that the autograd fallback will differentiate. In a whole pass: only tell a
+        layer with a recording forward to run the class's own."""
+        sampler = layer.sampler
+        class_forward = sampler is not None and sampler.forward is not None
         if self._current_pass is None or self._recomputing:
             recomputed = self._recomputed_pass()
-            if recomputed is None:
+            if recomputed is None or recomputed in self._whole_passes:
+                if class_forward:  # a whole pass re-run by checkpointing: as its forward ran, the class's own
+                    mark_class_forward(module, recomputed is not None)
                 return None
             self._current_pass = recomputed  # until this call's forward hook: the pass this re-run belongs to
             self._recomputing += 1
-        sampler = layer.sampler
+        elif self._current_pass in self._whole_passes:
+            if class_forward:
+                mark_class_forward(module, True)
+            return None
+        if class_forward:
+            mark_class_forward(module, False)
         uses_autograd = sampler is None or (
             sampler.needs_autograd is not None and sampler.needs_autograd(module, args, kwargs)
         )
+        if uses_autograd:
+            self._grad_writing_passes.add(self._current_pass)
+            self.autograd_written.update(dict.fromkeys(layer.trainable()))
         if sampler is not None:
             switched: List[nn.Parameter] = []
             if not self.check_gradients and self._pass_batch_sizes[self._current_pass] > 0:
@@ -426,6 +555,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
                         p.requires_grad_(False)
                 else:  # this call's gradients go through autograd, so autograd writes p.grad for these parameters
                     self.autograd_kept.update(dict.fromkeys(layer.trainable()))
+                    self._grad_writing_passes.add(self._current_pass)
             self._switched_off.append(switched)
         return _bounded_inputs(args, kwargs) if uses_autograd else None
 
@@ -440,7 +570,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
                 self._current_pass = None
 
     def _record_call(self, module: nn.Module, args, kwargs, output, layer: HookedLayer):
-        if self._current_pass is None:
+        if self._current_pass is None or self._current_pass in self._whole_passes:
             return None
         switched = self._switched_off.pop() if layer.sampler is not None else []
         for p in switched:
@@ -558,12 +688,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         for param, microbatch_sums in sums.items():
             if microbatch_sums is None:
                 continue
-            microbatch_sums = as_sums(microbatch_sums)
-            per_pass = self._sums.setdefault(param, {})
-            if call.pass_index in per_pass:
-                per_pass[call.pass_index] = add_sums(per_pass[call.pass_index], microbatch_sums)
-            else:
-                per_pass[call.pass_index] = microbatch_sums
+            self._add_sums(param, call.pass_index, as_sums(microbatch_sums))
 
     @staticmethod
     def _saved_inputs(layer: HookedLayer, node, input_leaves, rebuild_inputs, kept):
@@ -587,6 +712,9 @@ class MicroBatchGradSampleModule(GradSampleModule):
         """Micro-batch sums of ``params`` over every pass that reached backward; ``None`` if none did."""
         if self._recomputing:
             self.close_recomputation()
+        for k in self._whole_passes:
+            if k not in self._pass_tasks and k not in self._dropped_passes:
+                self._take_untracked_whole_pass(k)
         passes = sorted({k for per_pass in self._sums.values() for k in per_pass})
         if not passes:
             return None

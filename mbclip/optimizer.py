@@ -329,7 +329,7 @@ class MicroBatchOptimizer(DPOptimizer):
             grad = p.grad
             if p in self.grad_module.autograd_kept:
                 continue  # some call of the step differentiated it with autograd on purpose
-            if p in snapshots:
+            if p in snapshots and p not in self.grad_module.autograd_written:
                 before, version = snapshots[p]
                 if grad is None or (grad is before and grad._version == version):
                     continue

@@ -1,4 +1,4 @@
-"""Small float64 models and data shared by the reliability, checkpoint and fuzz tests."""
+"""Small models and data shared by several test files."""
 
 from __future__ import annotations
 
@@ -37,3 +37,37 @@ def squared_error_losses(x: torch.Tensor, y: torch.Tensor):
         return ((model(x[samples]) - y[samples]) ** 2).sum(dim=1)
 
     return per_sample_losses
+
+
+class TinyConformerBlock(nn.Module):
+    """Linear, LayerNorm, nn.MultiheadAttention, depthwise Conv1d: the layers of the benchmark's conformer."""
+
+    def __init__(self, features: int = 6, dim: int = 8, classes: int = 5):
+        super().__init__()
+        self.proj = nn.Linear(features, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.depthwise = nn.Conv1d(dim, dim, 3, padding=1, groups=dim)
+        self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 16), nn.SiLU(), nn.Linear(16, dim))
+        self.out = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        y = self.norm(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        x = x + self.depthwise(x.transpose(1, 2)).transpose(1, 2)
+        x = x + self.ff(x)
+        return self.out(x)
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab: int = 11, dim: int = 8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        layer = nn.TransformerEncoderLayer(dim, 2, 16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], dtype=torch.float64)
+        return self.head(self.encoder(self.embed(tokens), mask=mask, is_causal=True))

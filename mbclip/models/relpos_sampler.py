@@ -19,7 +19,7 @@ from torch import nn
 
 from mbclip.models.conformer import RelPositionMultiHeadAttention, rel_shift
 from mbclip.samplers.linear import grouped_rows, linear_layer_sums
-from mbclip.samplers.registry import LayerCall, register_microbatch_sampler, watch, watchable
+from mbclip.samplers.registry import LayerCall, register_microbatch_sampler, takes_class_forward, watch, watchable
 
 RECORD_ATTRIBUTE = "_mbclip_relpos_record"
 
@@ -36,7 +36,7 @@ def recording_forward(
     module: RelPositionMultiHeadAttention, x: torch.Tensor, pos_emb: torch.Tensor, pad: torch.Tensor
 ) -> torch.Tensor:
     """The class's forward, operation for operation, recording what the sampler reads (training with grad only)."""
-    if not (module.training and torch.is_grad_enabled()):
+    if takes_class_forward(module) or not (module.training and torch.is_grad_enabled()):
         return type(module).forward(module, x, pos_emb, pad)
     q = module._heads(module.linear_q(x))
     k = watchable(module._heads(module.linear_k(x)).transpose(1, 2))  # [B, H, T, dh]

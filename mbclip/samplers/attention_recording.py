@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mbclip.samplers.registry import watch, watchable
+from mbclip.samplers.registry import takes_class_forward, watch, watchable
 
 RECORD_ATTRIBUTE = "_mbclip_attention_context"
 
@@ -57,7 +57,7 @@ def recording_forward(
     average_attn_weights: bool = True,
     is_causal: bool = False,
 ):
-    if not records(module, query, key, value, attn_mask, is_causal):
+    if takes_class_forward(module) or not records(module, query, key, value, attn_mask, is_causal):
         return type(module).forward(
             module, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
         )

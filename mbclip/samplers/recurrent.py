@@ -23,7 +23,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from mbclip.errors import BatchError
 from mbclip.layout import MicroBatchLayout
 from mbclip.microbatch_sums import outer_product_sums
-from mbclip.samplers.registry import LayerCall, register_microbatch_sampler
+from mbclip.samplers.registry import LayerCall, register_microbatch_sampler, takes_class_forward
 
 RECORD_ATTRIBUTE = "_mbclip_recurrent_record"
 
@@ -91,10 +91,12 @@ def _initial_states(module: nn.RNNBase, hx, batch: int, like: torch.Tensor, sort
 def recording_forward(module: nn.RNNBase, input, hx=None):
     """The layer's forward with its own kernels, one layer at a time, recording what the sampler needs.
 
-    Outside training (or without grad, or on an unbatched input) it is the class's own forward.
+    Outside training (or without grad, on an unbatched input, or in a batch whose gradient autograd computes whole)
+    it is the class's own forward.
     """
     packed = isinstance(input, PackedSequence)
-    if not (module.training and torch.is_grad_enabled()) or (not packed and input.dim() != 3):
+    records = module.training and torch.is_grad_enabled() and (packed or input.dim() == 3)
+    if takes_class_forward(module) or not records:
         return type(module).forward(module, input, hx)
     if packed:
         data, batch_sizes, sorted_indices, unsorted_indices = input

@@ -133,6 +133,23 @@ def watch(output: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
     setattr(output, WATCHED_ATTRIBUTE, list(tensors))
 
 
+CLASS_FORWARD_ATTRIBUTE = "_mbclip_class_forward"
+
+
+def mark_class_forward(module: nn.Module, use_class_forward: bool) -> None:
+    """Before each call of a layer with a recording ``forward``: whether that call must be the class's own forward
+    (a batch whose gradient autograd computes whole records nothing). Set or cleared at every call."""
+    if use_class_forward:
+        module.__dict__[CLASS_FORWARD_ATTRIBUTE] = True
+    else:
+        module.__dict__.pop(CLASS_FORWARD_ATTRIBUTE, None)
+
+
+def takes_class_forward(module: nn.Module) -> bool:
+    """From a recording ``forward``: run the class's own forward for this call (see :func:`mark_class_forward`)."""
+    return module.__dict__.pop(CLASS_FORWARD_ATTRIBUTE, False)
+
+
 def watchable(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor``, or a leaf copy of it that requires grad when nothing before it does (a layer on raw input whose
     parameters are switched off): what a recording forward watches and computes on."""

@@ -181,6 +181,35 @@ class StackedSums:
 MicroBatchSums = Union[FormedSums, FactoredSums, IndexedSums, StackedSums]
 
 
+def _single_formed(sums: Sequence[MicroBatchSums]) -> List[int]:
+    """Indices of formed sums of one micro-batch (b >= B): for those, one foreach call does every parameter."""
+    return [i for i, part in enumerate(sums) if isinstance(part, FormedSums) and part.num_microbatches == 1]
+
+
+def norms_of(sums: Sequence[MicroBatchSums], grams: Optional[GramCache] = None) -> List[torch.Tensor]:
+    """Each parameter's ``[M]`` norms; single formed micro-batches in one ``_foreach_norm`` (as ``clip_grad_norm_``),
+    not one call per parameter."""
+    norms: List[Optional[torch.Tensor]] = [None] * len(sums)
+    single = _single_formed(sums)
+    if single:
+        for i, norm in zip(single, torch._foreach_norm([_at_least_float32(sums[i].sums) for i in single])):
+            norms[i] = norm.reshape(1)
+    return [norm if norm is not None else part.norms(grams) for norm, part in zip(norms, sums)]
+
+
+def weighted_sums_of(sums: Sequence[MicroBatchSums], weights: torch.Tensor) -> List[torch.Tensor]:
+    """``sum_j weights[0, j] G_j`` for every parameter (one row of weights shared by all, nothing dropped); single
+    formed micro-batches are scaled in one ``_foreach_mul``."""
+    summed: List[Optional[torch.Tensor]] = [None] * len(sums)
+    like_weights = (weights.dtype, weights.device)
+    single = [i for i in _single_formed(sums) if (sums[i].sums.dtype, sums[i].sums.device) == like_weights]
+    if single:
+        scaled = torch._foreach_mul([sums[i].sums[0] for i in single], weights.reshape(()))
+        for i, tensor in zip(single, scaled):
+            summed[i] = tensor
+    return [total if total is not None else part.weighted_sum(weights)[0] for total, part in zip(summed, sums)]
+
+
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float() if tensor.dtype in LOW_PRECISION else tensor
 

@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 from mbclip import clipping as rules
 from mbclip.errors import BatchError, ConfigurationError, NonFiniteGradientWarning
 from mbclip.grad_module import MicroBatchGradients, MicroBatchGradSampleModule
-from mbclip.microbatch_sums import GramCache
+from mbclip.microbatch_sums import GramCache, norms_of, weighted_sums_of
 
 NONFINITE_POLICIES = ("skip", "raise")
 # When the micro-batch gradients are checked against autograd's: on the first step, every step, or never.
@@ -185,7 +185,7 @@ class MicroBatchOptimizer(DPOptimizer):
         params = self.params
         present = [(p, sums) for p, sums in zip(params, collected.sums) if sums is not None]
         grams = GramCache.of_shared_factors([sums for _, sums in present])  # shared factors' Gram matrices once
-        raw_norms = torch.stack([sums.norms(grams) for _, sums in present], dim=1)  # [M, P']: norms of the sums
+        raw_norms = torch.stack(norms_of([sums for _, sums in present], grams), dim=1)  # [M, P']: norms of the sums
         del grams  # the cached Gram matrices are not needed for the update
         scales = collected.scales.to(device=raw_norms.device, dtype=raw_norms.dtype)
         per_param_norms = raw_norms * scales.unsqueeze(1)  # norms of the micro-batch gradients
@@ -220,14 +220,17 @@ class MicroBatchOptimizer(DPOptimizer):
         weights = full_factors * scales.reshape((-1,) + (1,) * (full_factors.dim() - 1)).to(full_factors.dtype)
         weights = weights / normalizer
         applied = num_kept > 0
+        shared_row = weights.unsqueeze(0) if weights.dim() == 1 else None  # [1, M]: the same for every parameter
+        summed_all: Optional[List[torch.Tensor]] = None  # every parameter's sum, when computed all at once
         if fused_check:
             summed_all = self._weighted_sums_checked(present, weights, raw_norms)
+        elif applied and shared_row is not None and not num_dropped:
+            summed_all = weighted_sums_of([sums for _, sums in present], shared_row)
         if checking and self.verify_gradients == "first":
             self.grad_module.check_gradients = False  # checked once: from now on samplers alone compute them
         if applied:
-            shared_row = weights.unsqueeze(0) if weights.dim() == 1 else None  # [1, M]: the same for every parameter
             for index, (p, sums) in enumerate(present):
-                if fused_check:
+                if summed_all is not None:
                     summed = summed_all[index]
                 else:
                     row = shared_row if shared_row is not None else weights[:, index].unsqueeze(0)

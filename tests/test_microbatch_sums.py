@@ -20,8 +20,10 @@ from mbclip.microbatch_sums import (
     IndexedSums,
     StackedSums,
     add_sums,
+    norms_of,
     outer_product_sums,
     stack_passes,
+    weighted_sums_of,
 )
 from reference import assert_close_update, reference_update
 
@@ -38,6 +40,27 @@ def test_factored_norms_and_weighted_sums_equal_the_formed_ones():
     torch.testing.assert_close(factored.norms(), formed.norms(), rtol=1e-12, atol=1e-12)
     weights = torch.randn(2, 4)
     torch.testing.assert_close(factored.weighted_sum(weights), formed.weighted_sum(weights), rtol=1e-12, atol=1e-12)
+
+
+def test_norms_and_weighted_sums_of_many_parameters_equal_one_by_one():
+    """The batched forms (one foreach call for single formed micro-batches) give each parameter's own answer."""
+    torch.manual_seed(0)
+    g, a = _factors(num_microbatches=1)
+    sums = [
+        FormedSums(torch.randn(1, 3, 4, dtype=torch.float64)),
+        FormedSums(torch.randn(1, 5)),  # another dtype than the weights: scaled on its own
+        FormedSums(torch.randn(3, 2, 2, dtype=torch.float64)),
+        FactoredSums(g.double(), a.double(), (5, 6)),
+        FormedSums(torch.randn(1, 7, dtype=torch.float64)),
+    ]
+    for norm, part in zip(norms_of(sums), sums):
+        torch.testing.assert_close(norm, part.norms(), rtol=1e-12, atol=0)
+    single = torch.tensor([[0.3]], dtype=torch.float64)
+    triple = torch.tensor([[0.3, -1.0, 2.0]], dtype=torch.float64)
+    one_microbatch = [part for part in sums if part.num_microbatches == 1]
+    for part, summed in zip(one_microbatch, weighted_sums_of(one_microbatch, single)):
+        torch.testing.assert_close(summed, part.weighted_sum(single)[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(weighted_sums_of(sums[2:3], triple)[0], sums[2].weighted_sum(triple)[0])
 
 
 def test_dropped_microbatches_do_not_reach_the_sum_even_as_nan():

@@ -254,3 +254,24 @@ def test_output_mbclip_cannot_hook_still_gives_the_whole_gradient():
     losses(wrapped, slice(None)).mean().backward()
     with pytest.raises(BatchError, match="did not pass through the model's output"):
         optimizer.pre_step()
+
+
+def test_loss_term_on_a_parameter_is_part_of_the_one_microbatch_gradient():
+    """``loss + penalty(w)`` through one backward: at b = B the micro-batch gradient is the whole loss's, as in the
+    reference (the checked first step refuses it, as at every b: it cannot be split into micro-batches)."""
+    model, losses = _case("cnn")
+
+    def with_penalty(m, samples):
+        weight = getattr(m, "_module", m)[0].weight  # the reference's copy, or the wrapped model's own
+        return losses(m, samples) + 0.1 * weight.pow(2).sum()
+
+    expected = reference_update(model, with_penalty, 6, 6, "fixed", 0.05)
+    wrapped, optimizer = _wrap(model, 6)
+    with_penalty(wrapped, slice(None)).mean().backward()
+    assert optimizer.pre_step()
+    assert_close_update([p.grad for p in model.parameters()], expected.update)
+
+    checked, checked_optimizer = _wrap(_case("cnn")[0], 6, verify_gradients="always")
+    with_penalty(checked, slice(None)).mean().backward()
+    with pytest.raises(BatchError, match="do not add up"):
+        checked_optimizer.pre_step()

@@ -37,7 +37,7 @@ from mbclip.microbatch_sums import FormedSums, MicroBatchSums, add_sums, as_sums
 from mbclip.output_hooks import InputBoundary, is_unrecorded, on_output_gradients
 from mbclip.samplers import MICROBATCH_SAMPLERS, UNSUPPORTED_LAYERS, LayerCall, MicroBatchSampler
 from mbclip.samplers.autograd_fallback import autograd_microbatch_sums, infer_batch_dim
-from mbclip.samplers.registry import WATCHED_ATTRIBUTE, mark_class_forward
+from mbclip.samplers.registry import WATCHED_ATTRIBUTE, ForwardMark, mark_forward
 
 LOSS_REDUCTIONS = ("mean", "sum")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -525,21 +525,21 @@ class MicroBatchGradSampleModule(GradSampleModule):
         boundary on the inputs of calls that the autograd fallback will differentiate. In a whole pass: only tell a
         layer with a recording forward to run the class's own."""
         sampler = layer.sampler
-        class_forward = sampler is not None and sampler.forward is not None
+        recording_forward = sampler is not None and sampler.forward is not None
         if self._current_pass is None or self._recomputing:
             recomputed = self._recomputed_pass()
             if recomputed is None or recomputed in self._whole_passes:
-                if class_forward:  # a whole pass re-run by checkpointing: as its forward ran, the class's own
-                    mark_class_forward(module, recomputed is not None)
+                if recording_forward:  # a whole pass re-run by checkpointing: as its forward ran, the class's own
+                    mark_forward(module, ForwardMark(class_forward=recomputed is not None))
                 return None
             self._current_pass = recomputed  # until this call's forward hook: the pass this re-run belongs to
             self._recomputing += 1
         elif self._current_pass in self._whole_passes:
-            if class_forward:
-                mark_class_forward(module, True)
+            if recording_forward:
+                mark_forward(module, ForwardMark(class_forward=True))
             return None
-        if class_forward:
-            mark_class_forward(module, False)
+        if recording_forward:
+            mark_forward(module, ForwardMark(layout=self.current_layout()))
         uses_autograd = sampler is None or (
             sampler.needs_autograd is not None and sampler.needs_autograd(module, args, kwargs)
         )

@@ -12,11 +12,21 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from helpers import on_both_paths
 from mbclip.engine import MicroBatchClipping
-from mbclip.samplers.recurrent import RECORD_ATTRIBUTE
+from mbclip.samplers import recurrent
+from mbclip.samplers.recurrent import RECORD_ATTRIBUTE, LoopedRecord
 from reference import assert_close_update, reference_update
 
 B, T, FEATURES, HIDDEN = 5, 4, 3, 4
 LENGTHS = [3, 4, 1, 2, 4]  # unsorted on purpose
+
+
+@pytest.fixture(autouse=True, params=["looped", "recorded"])
+def recurrent_path(request, monkeypatch):
+    """Every test on both paths of the recurrent sampler: the native kernel once per micro-batch (few of them, as
+    here) and the recorded one with mbclip's own backward through time."""
+    if request.param == "recorded":
+        monkeypatch.setattr(recurrent, "MAX_LOOPED_MICROBATCHES", 0)
+    return request.param
 
 
 class SequenceModel(nn.Module):
@@ -387,3 +397,24 @@ def test_output_only_with_a_plain_sum_loss(kind):
     wrapped(x)[0].sum().div(B).backward()
     clipped.pre_step()
     assert_close_update([p.grad for p in rnn.parameters()], ref.update)
+
+
+@pytest.mark.parametrize("hidden,microbatch_size", [(HIDDEN, 1), (HIDDEN, 2), (HIDDEN, B), (64, 1)])
+def test_few_microbatches_run_the_native_kernel_once_each(recurrent_path, hidden, microbatch_size):
+    """Up to eight micro-batches whose formed sums fit beside the gate activations: one native call per micro-batch
+    on tapped weights (exact: every test here runs on both paths); else the recorded path."""
+    torch.manual_seed(0)
+    model = SequenceModel(nn.LSTM(FEATURES, hidden, num_layers=2, batch_first=True).double())
+    x, _, _ = make_data(model.rnn, "")
+    records = []
+    model.rnn.register_forward_hook(lambda m, args, out: records.append(getattr(out[0], RECORD_ATTRIBUTE, None)))
+    wrapped, optimizer, _ = MicroBatchClipping().make_clipped(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        microbatch_size=microbatch_size,
+        max_grad_norm=0.5,
+    )
+    wrapped(x).mean().backward()  # the checked first step: a batch of one micro-batch is recorded too
+    expected = recurrent_path == "looped" and hidden == HIDDEN  # 64 hidden: 5 x its weights outweigh its gates
+    assert isinstance(records[0], LoopedRecord) == expected
+    assert optimizer.pre_step()

@@ -133,21 +133,29 @@ def watch(output: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
     setattr(output, WATCHED_ATTRIBUTE, list(tensors))
 
 
-CLASS_FORWARD_ATTRIBUTE = "_mbclip_class_forward"
+FORWARD_MARK_ATTRIBUTE = "_mbclip_forward_mark"
 
 
-def mark_class_forward(module: nn.Module, use_class_forward: bool) -> None:
-    """Before each call of a layer with a recording ``forward``: whether that call must be the class's own forward
-    (a batch whose gradient autograd computes whole records nothing). Set or cleared at every call."""
-    if use_class_forward:
-        module.__dict__[CLASS_FORWARD_ATTRIBUTE] = True
-    else:
-        module.__dict__.pop(CLASS_FORWARD_ATTRIBUTE, None)
+@dataclass(frozen=True)
+class ForwardMark:
+    """What mbclip tells a layer's recording ``forward`` before each call (set at every call, read once)."""
+
+    class_forward: bool = False  # run the class's own forward: a batch whose gradient autograd computes whole
+    layout: Optional[MicroBatchLayout] = None  # the pass's micro-batches (None: not a recorded call)
+
+
+def mark_forward(module: nn.Module, mark: ForwardMark) -> None:
+    module.__dict__[FORWARD_MARK_ATTRIBUTE] = mark
+
+
+def take_forward_mark(module: nn.Module) -> ForwardMark:
+    """From a recording ``forward``: this call's :class:`ForwardMark`, removed from the module."""
+    return module.__dict__.pop(FORWARD_MARK_ATTRIBUTE, None) or ForwardMark()
 
 
 def takes_class_forward(module: nn.Module) -> bool:
-    """From a recording ``forward``: run the class's own forward for this call (see :func:`mark_class_forward`)."""
-    return module.__dict__.pop(CLASS_FORWARD_ATTRIBUTE, False)
+    """From a recording ``forward``: run the class's own forward for this call."""
+    return take_forward_mark(module).class_forward
 
 
 def watchable(tensor: torch.Tensor) -> torch.Tensor:

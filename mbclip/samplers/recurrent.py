@@ -175,8 +175,11 @@ def recording_forward(module: nn.RNNBase, input, hx=None):
 
 # On CPU, up to eight native passes over slices of the batch cost less than the recorded path's own backward through
 # time (an LSTM 2x256, B = 32: 1.05x / 1.15x / 1.3x a plain step at b = 16 / 8 / 4, against 1.6x); sixteen do not.
-# The formed sums are M x the layer's parameters, allowed up to twice the gate activations autograd keeps.
+# The formed sums are M x the layer's parameters, allowed up to twice the gate activations autograd keeps. On other
+# devices (unmeasured: no GPU was lent to this project yet) at most two, as a GPU kernel's time hardly shrinks with the
+# batch.
 MAX_LOOPED_MICROBATCHES = 8
+MAX_LOOPED_MICROBATCHES_OFF_CPU = 2
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 
@@ -204,7 +207,10 @@ class _WeightTap(torch.autograd.Function):
 def loops_over_microbatches(module: nn.RNNBase, input: torch.Tensor, layout: Optional[MicroBatchLayout]) -> bool:
     """Few micro-batches of a padded batch, without dropout between layers (whose masks the loop would draw anew),
     whose formed sums take at most twice the memory of the layer's gate activations."""
-    if layout is None or module.dropout > 0 or layout.num_microbatches > MAX_LOOPED_MICROBATCHES:
+    most = MAX_LOOPED_MICROBATCHES
+    if input.device.type != "cpu":
+        most = min(most, MAX_LOOPED_MICROBATCHES_OFF_CPU)
+    if layout is None or module.dropout > 0 or layout.num_microbatches > most:
         return False
     if input.shape[0 if module.batch_first else 1] != layout.batch_size:
         return False

@@ -174,7 +174,7 @@ def recording_forward(module: nn.RNNBase, input, hx=None):
 # -- few micro-batches: the native kernel once per micro-batch -------------------------------------
 
 # On CPU, up to eight native passes over slices of the batch cost less than the recorded path's own backward through
-# time (an LSTM 2x256, B = 32: 1.05x / 1.15x / 1.3x a plain step at b = 16 / 8 / 4, against 1.6x); sixteen do not.
+# time (an LSTM 2x256, B = 32: 1.1x / 1.25x / 1.4x a plain step at b = 16 / 8 / 4, against 1.6x); sixteen do not.
 # The formed sums are M x the layer's parameters, allowed up to twice the gate activations autograd keeps. On other
 # devices (unmeasured: no GPU was lent to this project yet) at most two, as a GPU kernel's time hardly shrinks with the
 # batch.

@@ -5,6 +5,10 @@ changed in place (``nn.ReLU(inplace=True)``). One case escapes it: when the outp
 (``nn.Linear`` on a 3-D input returns a view of a 2-D matmul result), an in-place op rebases the
 view and drops its backward node, so its hook never fires. The view's base keeps its node, so the
 base is hooked too and the view is replayed on the base's gradient (``Tensor._view_func``).
+
+Several tensors share one hook (:func:`_all_grads_hook`) that fires once all of them that this backward reaches
+have their gradient, like torch's ``register_multi_grad_hook(mode="all")``, but also when one of them is a root of
+the backward (a reentrant checkpoint's re-run returns a layer's output directly), which torch's never fires for.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from contextlib import contextmanager
 from typing import Callable, ContextManager, Iterator, List, Optional, Sequence
 
 import torch
-from torch.autograd.graph import register_multi_grad_hook
 from torch.utils.hooks import RemovableHandle
 
 GradsCallback = Callable[[List[Optional[torch.Tensor]]], None]
@@ -102,7 +105,46 @@ def on_output_gradients(
             return
         callback([g if replay is None or g is None else _replay(replay, g) for g, replay in zip(grads, replays)])
 
-    return [register_multi_grad_hook(targets, on_grads, mode="all")]
+    return _all_grads_hook(targets, on_grads)
+
+
+def _all_grads_hook(tensors: Sequence[torch.Tensor], callback: GradsCallback) -> List[RemovableHandle]:
+    """Call ``callback(grads)`` once per backward, when every tensor of ``tensors`` that the backward reaches has its
+    gradient (``None`` for the others).
+
+    The count of expected gradients is the tensors whose node the engine will execute, plus each tensor whose hook
+    fires although its node is not counted: a root of the backward, whose hook runs first. A final callback of the
+    backward fires what is still pending, so a miscount can only delay the callback, never lose it.
+    """
+    grad_fns = [t.grad_fn if t.grad_fn is not None else t.view_as(t).grad_fn.next_functions[0][0] for t in tensors]
+    pending: dict = {}  # graph task -> [expected count, gradients so far, how many arrived]
+    lock = threading.Lock()
+
+    def fire(task: int) -> None:
+        state = pending.pop(task, None)
+        if state is not None:
+            callback(state[1])
+
+    def hook_for(index: int):
+        def on_grad(grad: torch.Tensor) -> None:
+            task = torch._C._current_graph_task_id()
+            with lock:
+                state = pending.get(task)
+                if state is None:
+                    expected = sum(map(torch._C._will_engine_execute_node, grad_fns))
+                    state = pending[task] = [expected, [None] * len(grad_fns), 0]
+                    torch.autograd.Variable._execution_engine.queue_callback(lambda: fire(task))
+                if not torch._C._will_engine_execute_node(grad_fns[index]):
+                    state[0] += 1  # a root of this backward
+                state[1][index] = grad
+                state[2] += 1
+                done = state[2] >= state[0]
+            if done:
+                fire(task)
+
+        return on_grad
+
+    return [t.register_hook(hook_for(i)) for i, t in enumerate(tensors)]
 
 
 def _hook_single(tensor: torch.Tensor, callback: GradsCallback) -> List[RemovableHandle]:

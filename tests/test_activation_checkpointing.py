@@ -66,6 +66,28 @@ class CheckpointedBlocks(nn.Module):
         return self.out(x.mean(dim=1))
 
 
+class CheckpointReturnsLayerOutputs(nn.Module):
+    """Checkpointed functions that return a multi-output layer's output itself: in a reentrant checkpoint's re-run
+    that output is a root of the nested backward (torch's multi-tensor hooks never fire for a root)."""
+
+    def __init__(self, use_reentrant: bool):
+        super().__init__()
+        self.use_reentrant = use_reentrant
+        self.checkpointing = True
+        self.inp = nn.Linear(5, 6)
+        self.lstm = nn.LSTM(6, 6, batch_first=True)
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        lstm = lambda t: self.lstm(t)[0]  # noqa: E731
+        attention = lambda t: self.attn(t, t, t)[0]  # noqa: E731
+        for layer in (lstm, attention):
+            x = checkpoint(layer, x, use_reentrant=self.use_reentrant) if self.checkpointing else layer(x)
+        return self.out(x.mean(dim=1))
+
+
 def _without_checkpointing(losses):
     """The reference's per-micro-batch runs, without checkpointing (reentrant checkpoint refuses autograd.grad)."""
 
@@ -80,10 +102,11 @@ def _without_checkpointing(losses):
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
-@pytest.mark.parametrize("microbatch_size", [1, 2, 4])
-def test_checkpointed_blocks_match_reference(use_reentrant, microbatch_size):
+@pytest.mark.parametrize("microbatch_size", [1, 2, 4, B])
+@pytest.mark.parametrize("model_class", [CheckpointedBlocks, CheckpointReturnsLayerOutputs], ids=["blocks", "outputs"])
+def test_checkpointed_blocks_match_reference(use_reentrant, microbatch_size, model_class):
     torch.manual_seed(0)
-    model = CheckpointedBlocks(use_reentrant).double()
+    model = model_class(use_reentrant).double()
     x, y = torch.randn(B, 4, 5, dtype=torch.float64), torch.randint(0, 3, (B,))
 
     def losses(m):
@@ -166,38 +189,3 @@ def test_two_forwards_then_one_backward_is_refused_with_checkpointing():
     with pytest.raises(BatchError, match="call backward\\(\\) after each forward pass"):
         (first + second).backward()
     assert all(p.requires_grad for p in model.parameters())  # nothing left half-changed
-
-
-class CheckpointReturnsLayerOutputs(nn.Module):
-    """Checkpointed functions that return a multi-output layer's output itself: in a reentrant checkpoint's re-run
-    that output is a root of the nested backward (torch's multi-tensor hooks never fire for a root)."""
-
-    def __init__(self, use_reentrant: bool):
-        super().__init__()
-        self.use_reentrant = use_reentrant
-        self.checkpointing = True
-        self.inp = nn.Linear(5, 6)
-        self.lstm = nn.LSTM(6, 6, batch_first=True)
-        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
-        self.out = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.inp(x)
-        lstm = lambda t: self.lstm(t)[0]  # noqa: E731
-        attention = lambda t: self.attn(t, t, t)[0]  # noqa: E731
-        for layer in (lstm, attention):
-            x = checkpoint(layer, x, use_reentrant=self.use_reentrant) if self.checkpointing else layer(x)
-        return self.out(x.mean(dim=1))
-
-
-@pytest.mark.parametrize("use_reentrant", [False, True])
-@pytest.mark.parametrize("microbatch_size", [1, 2, B])
-def test_checkpoint_returning_a_layer_output_directly(use_reentrant, microbatch_size):
-    torch.manual_seed(4)
-    model = CheckpointReturnsLayerOutputs(use_reentrant).double()
-    x, y = torch.randn(B, 4, 5, dtype=torch.float64), torch.randint(0, 3, (B,))
-
-    def losses(m):
-        return F.cross_entropy(m(x), y, reduction="none")
-
-    check_update(model, losses, B, microbatch_size, per_sample_losses=_without_checkpointing(losses))

@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from mbclip.errors import BatchError
 from mbclip.layout import MicroBatchLayout
-from mbclip.microbatch_sums import outer_product_sums
+from mbclip.microbatch_sums import LOW_PRECISION, outer_product_sums
 from mbclip.samplers.registry import LayerCall, register_microbatch_sampler, take_forward_mark, watch
 
 RECORD_ATTRIBUTE = "_mbclip_recurrent_record"
@@ -259,7 +259,7 @@ def _looped_sums(module: nn.RNNBase, call: LayerCall, record: LoopedRecord) -> D
         parts = [grads[m * len(weights) + index] for m in range(record.num_microbatches)]
         parts = [torch.zeros_like(weight) if g is None else g for g in parts]
         summed = torch.stack(parts)
-        result[weight] = summed.float() if summed.dtype in (torch.float16, torch.bfloat16) else summed
+        result[weight] = summed.float() if summed.dtype in LOW_PRECISION else summed
     return result
 
 

@@ -105,6 +105,15 @@ def _case(name):
             nn.Linear(96, 3),
         )
         return model, classification(torch.randn(B, 3, 12), 3)
+    if name == "depthwise_long_filter":  # filters longer than the input: windows, not per-sample gradients, at b > 1
+        model = nn.Sequential(
+            nn.Conv1d(4, 8, 7, groups=4, padding=3),  # 8 x 7 weights per sample against 4 x 5 inputs
+            nn.Tanh(),
+            nn.Conv1d(8, 8, 9, groups=8, padding=4, dilation=1, bias=False),
+            nn.Flatten(),
+            nn.Linear(8 * 5, 3),
+        )
+        return model, classification(torch.randn(B, 4, 5), 3)
     if name == "few_taps_conv":  # dense convolutions with <= 16 taps per filter: per-sample products of unfolded inputs
         model = nn.Sequential(
             nn.Unflatten(1, (1, 6)),
@@ -185,6 +194,7 @@ LAYER_CASES = [
     "conv2d",
     "conv3d",
     "depthwise",
+    "depthwise_long_filter",
     "few_taps_conv",
     "wide_conv",
     "pointwise_conv",

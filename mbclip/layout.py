@@ -54,5 +54,7 @@ class MicroBatchLayout:
         return tensor.reshape((self.num_microbatches, self.microbatch_size) + tuple(tensor.shape[1:]))
 
     def sum_per_microbatch(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``[B, ...] -> [M, ...]``: the sum over each micro-batch's samples."""
+        """``[B, ...] -> [M, ...]``: the sum over each micro-batch's samples (at b = 1 the tensor itself, no copy)."""
+        if self.microbatch_size == 1 and tensor.shape[0] == self.batch_size:
+            return tensor
         return self.group(tensor).sum(dim=1)

@@ -114,18 +114,30 @@ def _case(name):
             nn.Linear(8 * 5, 3),
         )
         return model, classification(torch.randn(B, 4, 5), 3)
-    if name == "few_taps_conv":  # dense convolutions with <= 16 taps per filter: per-sample products of unfolded inputs
+    if name == "few_taps_conv":  # dense convolutions with <= 32 taps per filter: per-sample products of windows
         model = nn.Sequential(
-            nn.Unflatten(1, (1, 6)),
-            nn.Conv2d(1, 2, (2, 3), padding="same"),  # 6 taps, asymmetric padding applied by the sampler
+            nn.Conv2d(3, 27, 3, stride=(1, 2), padding=1),  # 27 taps, as an image model's first layer
             nn.Tanh(),
-            nn.Conv2d(2, 3, 2, stride=2, padding=1),  # 8 taps
+            nn.Conv2d(27, 4, 1),  # pointwise, in between
             nn.Flatten(2),
-            nn.Conv1d(3, 4, 5, stride=2, dilation=2, padding=3, bias=False),  # 15 taps
+            nn.Conv1d(4, 12, 3, stride=2, dilation=2, padding=3, bias=False),  # 12 taps
+            nn.Unflatten(1, (1, 12)),
+            nn.Unflatten(3, (3, 7)),
+            nn.Conv3d(1, 8, 2, padding="same"),  # 8 taps, asymmetric padding applied by the sampler
             nn.Flatten(),
-            nn.Linear(4 * 9, 3),
+            nn.Linear(8 * 12 * 3 * 7, 3),
         )
-        return model, classification(torch.randn(B, 6, 8), 3)
+        return model, classification(torch.randn(B, 3, 8, 10), 3)
+    if name == "few_positions_conv":  # at b = 1, no more output positions than channels: per-sample products too
+        model = nn.Sequential(
+            nn.Conv2d(4, 16, 3, stride=2, padding=1),  # 36 taps, 3 x 3 = 9 positions <= 16 channels
+            nn.Tanh(),
+            nn.Flatten(2),
+            nn.Conv1d(16, 9, 2, dilation=3),  # 32 taps, 6 positions <= 9 channels
+            nn.Flatten(),
+            nn.Linear(9 * 6, 3),
+        )
+        return model, classification(torch.randn(B, 4, 6, 6), 3)
     if name == "wide_conv":  # over 32 input channels per group: the grouped kernel also for 3 and 4 micro-batches
         model = nn.Sequential(
             nn.Conv1d(40, 66, 3, padding=1),
@@ -196,6 +208,7 @@ LAYER_CASES = [
     "depthwise",
     "depthwise_long_filter",
     "few_taps_conv",
+    "few_positions_conv",
     "wide_conv",
     "pointwise_conv",
     "embedding",

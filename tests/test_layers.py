@@ -242,6 +242,21 @@ def _check(case, microbatch_size, clipping, max_grad_norm, loss_reduction="mean"
     torch.testing.assert_close(optimizer.last_step.microbatch_norms, ref.norms, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("microbatch_size", [1, 3])
+def test_instance_norm_in_eval_mode_uses_running_statistics(microbatch_size):
+    """In evaluation, an InstanceNorm that tracks running statistics normalizes with them; its affine gradients too
+    (each sample's own statistics there were silently wrong on the sampler-only path)."""
+    torch.manual_seed(1)
+    model, losses = _case("instance_norm")
+    with torch.no_grad():
+        for scale in (1.0, 3.0):  # running statistics away from their initial 0 and 1
+            model(scale * torch.randn(B, 2, 5, 5) + 1.0)
+    model.eval()
+    ref = reference_update(model, losses, B, microbatch_size, "fixed", 0.05)
+    update, _ = mbclip_update(model, losses, microbatch_size, "fixed", 0.05)
+    assert_close_update(update, ref.update)
+
+
 @pytest.mark.parametrize("case", LAYER_CASES)
 @pytest.mark.parametrize("microbatch_size", MICROBATCH_SIZES)
 def test_layer_matches_reference_fixed(case, microbatch_size):

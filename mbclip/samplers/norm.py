@@ -66,13 +66,35 @@ def rms_norm_sampler(module: nn.RMSNorm, call: LayerCall, grad_outputs: Sequence
     return _affine_sums(module, call, normalized, grad_output, _feature_sums(module.normalized_shape))
 
 
+def grouped_affine_sums(module: nn.Module, call: LayerCall, grad_output: torch.Tensor, num_groups: int) -> Dict:
+    """Affine sums of a norm over groups of channels within each sample (GroupNorm; InstanceNorm is a group per
+    channel), from one call of the native GroupNorm backward kernel: the batch as one sample of ``B * C`` channels
+    in ``B * num_groups`` groups has every sample's affine gradients as its own (one fused pass over the output
+    gradient and input, no normalized temporary; about 1.3x faster on CPU)."""
+    weight, bias = module.weight, module.bias
+    wanted = [False, weight.requires_grad, bias is not None and bias.requires_grad]
+    activations = call.input.to(grad_output.dtype)
+    batch, channels = activations.shape[:2]
+    rows = activations.reshape(1, batch * channels, -1)
+    positions, groups = rows.shape[2], batch * num_groups
+    _, mean, rstd = torch.native_group_norm(rows, None, None, 1, batch * channels, positions, groups, module.eps)
+    ones = rows.new_ones(batch * channels)  # the kernel reads a weight only for the input gradient, not computed
+    _, d_weight, d_bias = torch.ops.aten.native_group_norm_backward(
+        grad_output.reshape(rows.shape), rows, mean, rstd, ones, 1, batch * channels, positions, groups, wanted
+    )
+    result = {}
+    if wanted[2]:
+        result[bias] = call.layout.sum_per_microbatch(d_bias.view(batch, channels))
+    if wanted[1]:
+        result[weight] = call.layout.sum_per_microbatch(d_weight.view(batch, channels))
+    return result
+
+
 @register_microbatch_sampler(nn.GroupNorm, batch_dim=0)
 def group_norm_sampler(module: nn.GroupNorm, call: LayerCall, grad_outputs: Sequence[Optional[torch.Tensor]]) -> Dict:
     if not module.affine:
         return {}
-    grad_output = grad_outputs[0]
-    normalized = F.group_norm(call.input.to(grad_output.dtype), module.num_groups, eps=module.eps)
-    return channel_affine_sums(module, call, normalized, grad_output)
+    return grouped_affine_sums(module, call, grad_outputs[0], module.num_groups)
 
 
 @register_microbatch_sampler(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, batch_dim=0)
@@ -80,5 +102,10 @@ def instance_norm_sampler(module: nn.Module, call: LayerCall, grad_outputs: Sequ
     if not module.affine:
         return {}
     grad_output = grad_outputs[0]
-    normalized = F.instance_norm(call.input.to(grad_output.dtype), eps=module.eps)
+    if module.training or not module.track_running_stats:  # each sample's own statistics, as the forward used
+        return grouped_affine_sums(module, call, grad_output, module.num_features)
+    with torch.no_grad():  # evaluation with running statistics: x_hat from them, as the forward used
+        normalized = F.batch_norm(
+            call.input.to(grad_output.dtype), module.running_mean, module.running_var, None, None, False, 0.0, module.eps
+        )
     return channel_affine_sums(module, call, normalized, grad_output)

@@ -104,7 +104,7 @@ def instance_norm_sampler(module: nn.Module, call: LayerCall, grad_outputs: Sequ
     grad_output = grad_outputs[0]
     if module.training or not module.track_running_stats:  # each sample's own statistics, as the forward used
         return grouped_affine_sums(module, call, grad_output, module.num_features)
-    activations = call.input.to(grad_output.dtype)
+    activations, mean, var = call.input.to(grad_output.dtype), module.running_mean, module.running_var
     with torch.no_grad():  # evaluation with running statistics: x_hat from them, as the forward used
-        normalized = F.batch_norm(activations, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
+        normalized = F.batch_norm(activations, mean, var, None, None, False, 0.0, module.eps)
     return channel_affine_sums(module, call, normalized, grad_output)

@@ -41,8 +41,8 @@ def _per_channel(tensor: torch.Tensor) -> torch.Tensor:
 def channel_affine_sums(
     module: nn.Module, call: LayerCall, normalized: torch.Tensor, grad_output: torch.Tensor
 ) -> Dict:
-    """Affine sums of a channel-wise norm (GroupNorm, InstanceNorm, BatchNorm) on ``[B, C, *positions]``
-    (``normalized`` is overwritten)."""
+    """Affine sums of a channel-wise norm on ``[B, C, *positions]`` from its normalized input (BatchNorm, and
+    InstanceNorm with running statistics; ``normalized`` is overwritten)."""
     return _affine_sums(module, call, normalized, grad_output, _per_channel)
 
 

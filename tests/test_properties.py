@@ -15,7 +15,9 @@ from reference import assert_close_update, reference_update
     batch=st.integers(1, 9),
     steps=st.integers(1, 4),
     d_in=st.integers(1, 5),
-    hidden=st.integers(1, 6),
+    # LayerNorm over one feature is constant: the gradient below it is rounding noise amplified by 1/sqrt(eps),
+    # which no two exact ways of summing share
+    hidden=st.integers(2, 6),
     microbatch_size=st.integers(1, 11),
     max_grad_norm=st.floats(1e-3, 1e3),
     clipping=st.sampled_from(["fixed", "adaptive", "per_layer"]),

@@ -129,7 +129,7 @@ def per_sample_depthwise_fits(module: nn.Module, activations: torch.Tensor, call
 
 # Per-sample weight gradients (then summed per micro-batch) where a filter has at most this many taps over
 # input channels: one batched matmul over the input's windows beats the grouped weight-gradient kernel there (on
-# CPU: 3x on a speech front end's one-channel Conv2d, 1.5-2x on an image model's three-channel 3x3 first layer).
+# CPU: 3x on a speech front end's one-channel Conv2d, 1.4-1.9x on an image model's three-channel 3x3 first layer).
 MAX_PER_SAMPLE_TAPS = 32
 
 
@@ -157,7 +157,7 @@ def per_sample_weight_sums(module: nn.Module, activations: torch.Tensor, grad_ou
     """``[M, *weight.shape]``: per-sample ``g @ windows(x)^T`` in one batched matmul, summed per micro-batch.
 
     The windows are copied once into ``[B, C * K, positions]`` from strided views of the padded input, which on CPU
-    is 2-3x faster than ``F.unfold`` (and covers 1-d, 2-d and 3-d convolutions alike)."""
+    is 1.5-3x faster than ``F.unfold`` (and covers 1-d, 2-d and 3-d convolutions alike)."""
     spatial = activations.dim() - 2
     windows = _windows(activations, module, padding)  # [B, C, *O, *K], a view
     taps_first = (0, 1) + tuple(range(2 + spatial, 2 + 2 * spatial)) + tuple(range(2, 2 + spatial))

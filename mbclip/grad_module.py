@@ -1,9 +1,10 @@
 """``MicroBatchGradSampleModule``: Opacus's ``GradSampleModule`` grouped into micro-batches.
 
 Flow of one pass: the wrapper's ``forward`` opens a *pass* (one batch) and notes its size; a
-forward hook on every hooked layer keeps the call's inputs and hangs a hook on the call's output
-tensors; when their gradient arrives in ``backward`` the layer's sampler (or the autograd fallback)
-turns it into micro-batch sums of per-sample gradients, added up per parameter and per pass.
+forward hook on every hooked layer keeps the call's inputs in a keeper node on its outputs (or, for recorded
+layers and the autograd fallback, hangs a hook on the output tensors); when their gradient arrives in
+``backward`` the layer's sampler (or the autograd fallback) turns it into micro-batch sums of per-sample
+gradients, added up per parameter and per pass.
 The optimizer then asks :meth:`collect` for the micro-batch gradients of every pass since the last
 step and, on checked steps, checks them against the plain gradient autograd computed beside them.
 
@@ -34,7 +35,7 @@ from mbclip.flat_trees import flatten, flatten_call
 from mbclip.layers.batchnorm import check_batchnorms, swap_in_batchnorms, swap_out_batchnorms
 from mbclip.layout import MicroBatchLayout
 from mbclip.microbatch_sums import FormedSums, MicroBatchSums, add_sums, as_sums, stack_passes
-from mbclip.output_hooks import InputBoundary, is_unrecorded, on_output_gradients
+from mbclip.output_hooks import GradsCallback, InputBoundary, is_suspended, is_unrecorded, on_output_gradients
 from mbclip.samplers import MICROBATCH_SAMPLERS, UNSUPPORTED_LAYERS, LayerCall, MicroBatchSampler
 from mbclip.samplers.autograd_fallback import autograd_microbatch_sums, infer_batch_dim
 from mbclip.samplers.registry import WATCHED_ATTRIBUTE, ForwardMark, mark_forward
@@ -98,23 +99,43 @@ def plan_hooks(model: nn.Module) -> List[HookedLayer]:
     return plan
 
 
+class _Delivery:
+    """Where a :class:`_Keep` node sends its outputs' gradients in backward: the call's sampler, until the step
+    removes it (as it removes output hooks; a backward through an old graph then samples nothing)."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self) -> None:
+        self.callback: Optional[GradsCallback] = None
+
+    def remove(self) -> None:
+        self.callback = None
+
+
 class _Keep(torch.autograd.Function):
     """Identity on a sampled layer's outputs that holds the call's input tensors as saved tensors.
 
     Autograd then frees them right after the layer's backward (unless the graph is retained, for a second
     backward), checks that nothing changed them in place since the forward, and the outputs require grad
     even when the layer's parameters are switched off and its input needs no gradient (the first layer).
+    Its backward hands the outputs' gradients to ``delivery`` (``None`` for an output this backward does not
+    reach): the node sees every output's gradient at once, so no output needs a hook of its own.
     """
 
     @staticmethod
-    def forward(ctx, anchor: torch.Tensor, num_kept: int, *tensors: torch.Tensor):
+    def forward(ctx, anchor: torch.Tensor, delivery: _Delivery, num_kept: int, *tensors: torch.Tensor):
+        ctx.delivery = delivery
         ctx.num_kept = num_kept
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(*tensors[:num_kept])
         return tuple(t.detach() for t in tensors[num_kept:])
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, None) + (None,) * ctx.num_kept + grads
+        callback = ctx.delivery.callback
+        if callback is not None and not is_suspended():
+            callback(list(grads))
+        return (None, None, None) + (None,) * ctx.num_kept + grads
 
 
 class _StepRecords(list):
@@ -278,13 +299,14 @@ class MicroBatchGradSampleModule(GradSampleModule):
         self._recomputing = 0
         self._pass_tasks: Dict[int, set] = {}
         self._dropped_passes: set = set()  # passes whose gradients zero_grad() discarded (see zero_grad_passes)
-        # The calls recorded since the last step. A call's output hook holds the call, and the call holds the
-        # keeper node and (some samplers) the outputs that hold the hook: a reference cycle. Cutting the call's
-        # side here lets reference counting free all of it, with no work for Python's garbage collector.
+        # The calls recorded since the last step. A call's output hook (or its keeper node's delivery) holds the
+        # call, and the call holds the keeper node and (some samplers) the outputs that hold the hook: a reference
+        # cycle. Cutting the call's side here lets reference counting free all of it, with no work for Python's
+        # garbage collector.
         for call in getattr(self, "_open_calls", ()):
             call.extra.clear()
             call.outputs = ()
-        for handle in getattr(self, "_open_hooks", ()):  # see output_hooks.on_output_gradients
+        for handle in getattr(self, "_open_hooks", ()):  # output hooks and deliveries (output_hooks, _Delivery)
             handle.remove()
         self._open_calls = _StepRecords()
         self._open_hooks = _StepRecords()
@@ -604,7 +626,8 @@ class MicroBatchGradSampleModule(GradSampleModule):
         if routed:
             kept_inputs = [input_leaves[i] for i in kept]
             to_route = [leaves[i] for i in routed]
-            outputs = _Keep.apply(self._anchor(to_route[0]), len(kept), *kept_inputs, *to_route)
+            delivery = _Delivery()
+            outputs = _Keep.apply(self._anchor(to_route[0]), delivery, len(kept), *kept_inputs, *to_route)
             for i, t in zip(routed, outputs):
                 hooked_leaves[i] = t
         replaced = rebuild_output(hooked_leaves) if routed else None  # what the forward hook returns
@@ -634,7 +657,11 @@ class MicroBatchGradSampleModule(GradSampleModule):
             call.extra["inputs_from"] = (keep_node, template, rebuild_inputs, kept)
         self._open_calls.append(call)  # its references to the node and outputs are dropped at the step
         on_grads = partial(self._on_output_grads, module, layer, call, params, needs_grad, len(leaves))
-        self._open_hooks.extend(on_output_gradients([hooked_leaves[i] for i in needs_grad], on_grads, watched))
+        if kept_by_node and needs_grad == routed:  # the _Keep node delivers exactly these outputs' gradients
+            delivery.callback = on_grads
+            self._open_hooks.append(delivery)
+        else:
+            self._open_hooks.extend(on_output_gradients([hooked_leaves[i] for i in needs_grad], on_grads, watched))
         return replaced
 
     def _anchor(self, like: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ class InputBoundary(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return tuple(None if _is_suspended() else g for g in grads)
+        return tuple(None if is_suspended() else g for g in grads)
 
 
 def unrecorded() -> ContextManager[None]:
@@ -73,7 +73,8 @@ def is_unrecorded() -> bool:
     return getattr(_state, "unrecorded", False)
 
 
-def _is_suspended() -> bool:
+def is_suspended() -> bool:
+    """Inside :func:`suspended`: output hooks (and the keeper nodes' deliveries) do nothing."""
     return getattr(_state, "suspended", False)
 
 
@@ -101,7 +102,7 @@ def on_output_gradients(
     replays += [None] * len(watched)
 
     def on_grads(grads: Sequence[Optional[torch.Tensor]]) -> None:
-        if _is_suspended():
+        if is_suspended():
             return
         callback([g if replay is None or g is None else _replay(replay, g) for g, replay in zip(grads, replays)])
 
@@ -149,18 +150,18 @@ def _all_grads_hook(tensors: Sequence[torch.Tensor], callback: GradsCallback) ->
 
 def _hook_single(tensor: torch.Tensor, callback: GradsCallback) -> List[RemovableHandle]:
     if not tensor._is_view():
-        return [tensor.register_hook(lambda grad: None if _is_suspended() else callback([grad]))]
+        return [tensor.register_hook(lambda grad: None if is_suspended() else callback([grad]))]
     view_fired = [False]
     replay = tensor._view_func
 
     def on_view(grad: torch.Tensor) -> None:
-        if _is_suspended():
+        if is_suspended():
             return
         view_fired[0] = True
         callback([grad])
 
     def on_base(grad: torch.Tensor) -> None:
-        if _is_suspended():
+        if is_suspended():
             return
         if view_fired[0]:  # the view's own hook already delivered this backward's gradient
             view_fired[0] = False

@@ -293,7 +293,8 @@ class MicroBatchGradSampleModule(GradSampleModule):
         self._sums: Dict[nn.Parameter, Dict[int, MicroBatchSums]] = {}
         self._claimed: Dict[nn.Parameter, int] = {}
         self.low_precision_seen: set = set()  # half dtypes of output gradients since the last step (autocast)
-        self._switched_off: List[List[nn.Parameter]] = []  # per open sampled call: parameters made grad-free
+        # per open sampled call: parameters made grad-free, and the call's (batched, batch_dim)
+        self._switched_off: List[Tuple[List[nn.Parameter], Tuple[bool, Optional[int]]]] = []
         # activation checkpointing: hooked calls still open in a forward that backward re-runs, and the graph
         # tasks (backward runs) in which each pass's gradients arrived, to tell which pass a re-run belongs to
         self._recomputing = 0
@@ -375,7 +376,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         finally:
             self._current_pass = None
             while self._switched_off:  # a forward that raised: give every parameter its requires_grad back
-                for p in self._switched_off.pop():
+                for p in self._switched_off.pop()[0]:
                     p.requires_grad_(True)
 
     # -- whole passes: one micro-batch, its gradient from autograd ------------------------------
@@ -511,7 +512,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         Called when the next gradients arrive, at the next forward and before collecting.
         """
         while self._switched_off:
-            for p in self._switched_off.pop():
+            for p in self._switched_off.pop()[0]:
                 p.requires_grad_(True)
         self._recomputing = 0
         self._current_pass = None
@@ -570,15 +571,16 @@ class MicroBatchGradSampleModule(GradSampleModule):
             self.autograd_written.update(dict.fromkeys(layer.trainable()))
         if sampler is not None:
             switched: List[nn.Parameter] = []
+            batch_dim = self._call_batch_dim(layer, args, kwargs)  # the forward hook reads it from the stack too
             if not self.check_gradients and self._pass_batch_sizes[self._current_pass] > 0:
-                if self._call_batch_dim(layer, args, kwargs)[0] and not uses_autograd:
+                if batch_dim[0] and not uses_autograd:
                     switched = layer.trainable()
                     for p in switched:
                         p.requires_grad_(False)
                 else:  # this call's gradients go through autograd, so autograd writes p.grad for these parameters
                     self.autograd_kept.update(dict.fromkeys(layer.trainable()))
                     self._grad_writing_passes.add(self._current_pass)
-            self._switched_off.append(switched)
+            self._switched_off.append((switched, batch_dim))
         return _bounded_inputs(args, kwargs) if uses_autograd else None
 
     def _on_forward(self, module: nn.Module, args, kwargs, output, *, layer: HookedLayer):
@@ -594,7 +596,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
     def _record_call(self, module: nn.Module, args, kwargs, output, layer: HookedLayer):
         if self._current_pass is None or self._current_pass in self._whole_passes:
             return None
-        switched = self._switched_off.pop() if layer.sampler is not None else []
+        switched, batch_dim = self._switched_off.pop() if layer.sampler is not None else ([], None)
         for p in switched:
             p.requires_grad_(True)
         batch_size = self._pass_batch_sizes[self._current_pass]
@@ -617,7 +619,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         ]
         if batch_size == 0 or not (routed or any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves)):
             return None
-        batched, batch_dim = self._call_batch_dim(layer, args, kwargs)
+        batched, batch_dim = batch_dim if batch_dim is not None else self._call_batch_dim(layer, args, kwargs)
         if not batched:  # a sampled layer on a tensor without the batch: the enclosing layer covers it
             return None
         input_leaves, rebuild_inputs = flatten_call(args, kwargs)
@@ -702,14 +704,16 @@ class MicroBatchGradSampleModule(GradSampleModule):
                 grad_outputs[index] = grad.detach()
         if "inputs_from" in call.extra:
             call.args, call.kwargs = self._saved_inputs(layer, *call.extra["inputs_from"])
-        self._sampling_pass = call.pass_index  # a checkpointed region re-run by a sampler's autograd call is its pass
+        # a checkpointed region re-run by a sampler's autograd call is its pass; set in __dict__, as nn.Module's
+        # __setattr__ (twice per layer call) costs more than the rest of this bookkeeping
+        vars(self)["_sampling_pass"] = call.pass_index
         try:
             if layer.sampler is not None:
                 sums = layer.sampler.fn(module, call, grad_outputs)
             else:  # its nested autograd call runs with every output hook suspended (output_hooks.suspended)
                 sums = autograd_microbatch_sums(module, call, grad_outputs, params)
         finally:
-            self._sampling_pass = None
+            vars(self)["_sampling_pass"] = None
         if "inputs_from" in call.extra:
             call.args, call.kwargs = (), {}  # autograd owns them: freed after this backward unless retained
         for param, microbatch_sums in sums.items():

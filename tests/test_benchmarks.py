@@ -1,0 +1,42 @@
+"""The benchmark scripts run end to end (tiny settings; their numbers are not checked, only that they come out)."""
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_step_time_prints_every_method(capsys):
+    step_time = load("step_time")
+    step_time.main(["--models", "cnn", "--microbatch-sizes", "1,8", "--batch-size", "8", "--repeats", "1"])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    for method in ("plain", "opacus", "opacus_ghost", "naive_b1", "naive_b8", "mbclip_b1", "mbclip_b8"):
+        assert method in rows and "n/a" not in rows[method], out
+
+
+def test_step_time_refuses_a_device_it_cannot_use(capsys):
+    step_time = load("step_time")
+    with pytest.raises(SystemExit):
+        step_time.parse_args(["--device", "no-such-device"])
+    assert "--device" in capsys.readouterr().err
+
+
+def test_per_call_overhead_prints_the_three_phases(capsys):
+    load("per_call_overhead").main(["--depth", "2", "--rounds", "2"])
+    out = capsys.readouterr().out
+    for phase in ("forward", "backward", "step"):
+        assert f"| {phase}" in out, out

@@ -174,6 +174,13 @@ def _take_watched(output) -> Sequence[torch.Tensor]:
     return watched
 
 
+def _saved_tensors_readable() -> bool:
+    """Whether a sampler may read what autograd saves now: not under saved-tensor hooks (non-reentrant activation
+    checkpointing, offloading to CPU), whose unpacking may run once only, for autograd itself."""
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top_hooks is not None and top_hooks(False) is None
+
+
 def _is_float_tensor(value) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point()
 
@@ -307,6 +314,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         for call in getattr(self, "_open_calls", ()):
             call.extra.clear()
             call.outputs = ()
+            call.output_nodes = ()
         for handle in getattr(self, "_open_hooks", ()):  # output hooks and deliveries (output_hooks, _Delivery)
             handle.remove()
         self._open_calls = _StepRecords()
@@ -653,6 +661,9 @@ class MicroBatchGradSampleModule(GradSampleModule):
             batch_first=self.batch_first,
             pass_index=self._current_pass,
             outputs=leaves if (sampler is None or sampler.keep_outputs) else (),
+            output_nodes=[t.grad_fn if isinstance(t, torch.Tensor) else None for t in leaves]
+            if kept and _saved_tensors_readable()
+            else (),
         )
         if keep_node is not None:  # the tensors themselves live in the node only (None in the template)
             template = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in input_leaves]

@@ -1,5 +1,7 @@
 """Every core layer, every clipping mode, every micro-batch size: equal to the brute-force reference."""
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -333,3 +335,45 @@ def test_shared_positional_tensor_is_not_read_as_a_batch(microbatch_size):
     ref = reference_update(model, losses, B, microbatch_size, "fixed", 0.05)
     update, _ = mbclip_update(model, losses, microbatch_size, "fixed", 0.05)
     assert_close_update(update, ref.update)
+
+
+class _UnderSavedTensorHooks(nn.Module):
+    """Runs ``inner`` with autograd's saved tensors offloaded to CPU (saved-tensor hooks, as FSDP or non-reentrant
+    checkpointing install): their unpacking is autograd's alone, so samplers must not read them."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        with torch.autograd.graph.save_on_cpu():
+            return self.inner(x)
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+@pytest.mark.parametrize("microbatch_size", [1, 3])
+def test_layer_norm_reads_the_forwards_statistics_where_it_may(hooked, microbatch_size):
+    """LayerNorm's x_hat comes from the mean and 1/std its forward saved when its input requires grad (no second
+    layer_norm), and is recomputed where no such node exists (a LayerNorm on the raw input, parameters off) or
+    where saved tensors are behind hooks; every way gives the reference update."""
+    from mbclip.samplers import norm
+
+    torch.manual_seed(3)
+    inner = nn.Sequential(nn.LayerNorm(5), nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 2))
+    model = _UnderSavedTensorHooks(inner) if hooked else inner
+    losses = sequence_regression(lambda: 2.0 * torch.randn(B, 3, 5) + 1.0, lambda: torch.randn(B, 3, 2))
+    ref = reference_update(model, losses, B, microbatch_size, "fixed", 0.05)
+    read = []
+    saved_statistics = norm._saved_statistics
+
+    def spy(call):
+        statistics = saved_statistics(call)
+        read.append(statistics is not None)
+        return statistics
+
+    with mock.patch.object(norm, "_saved_statistics", spy):
+        update, _ = mbclip_update(model, losses, microbatch_size, "fixed", 0.05)
+    assert_close_update(update, ref.update)
+    # backward reaches the second LayerNorm first. On the checked run both have a node (their parameters require
+    # grad); on the sampler-only run the first, on the raw input with its parameters off, has none
+    assert read == ([False] * 4 if hooked else [True, True, True, False]), read

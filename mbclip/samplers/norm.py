@@ -6,7 +6,7 @@ input and the micro-batch gradient is a sum over the micro-batch's samples and p
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -46,13 +46,31 @@ def channel_affine_sums(
     return _affine_sums(module, call, normalized, grad_output, _per_channel)
 
 
+def _saved_statistics(call: LayerCall) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The mean and 1/std that the layer's forward computed, as its backward node saved them (``None`` where there
+    is no such node: an input without grad and the affine parameters off)."""
+    node = call.output_nodes[0] if call.output_nodes else None
+    if type(node).__name__ != "NativeLayerNormBackward0":
+        return None
+    try:
+        return node._saved_result1, node._saved_result2
+    except (AttributeError, RuntimeError):  # another torch's naming, or already freed: recompute instead
+        return None
+
+
 @register_microbatch_sampler(nn.LayerNorm)
 def layer_norm_sampler(module: nn.LayerNorm, call: LayerCall, grad_outputs: Sequence[Optional[torch.Tensor]]) -> Dict:
     if module.weight is None:
         return {}
+    dtype = grad_outputs[0].dtype
+    statistics = _saved_statistics(call)
+    if statistics is not None:  # x_hat as the forward had it: the same numbers, 4x cheaper than a second layer_norm
+        mean, rstd = (t.to(dtype) for t in statistics)
+        normalized = (call.input.to(dtype) - mean).mul_(rstd)
+    else:
+        normalized = F.layer_norm(call.input.to(dtype), module.normalized_shape, eps=module.eps)
     grad_output = batch_to_front(grad_outputs[0], call.batch_dim)
-    activations = batch_to_front(call.input, call.batch_dim).to(grad_output.dtype)
-    normalized = F.layer_norm(activations, module.normalized_shape, eps=module.eps)
+    normalized = batch_to_front(normalized, call.batch_dim)
     return _affine_sums(module, call, normalized, grad_output, _feature_sums(module.normalized_shape))
 
 

@@ -40,6 +40,9 @@ class LayerCall:
     batch_first: bool
     pass_index: int
     outputs: Sequence[Optional[torch.Tensor]] = field(default_factory=tuple)
+    # the autograd nodes that produced the raw outputs (``None`` where one has none), on the kept path: what the
+    # layer's own backward saved can be read from them (LayerNorm's mean and 1/std) instead of recomputed
+    output_nodes: Sequence[Optional[Any]] = field(default_factory=tuple)
     extra: Dict[str, Any] = field(default_factory=dict)
     # gradients of the tensors a recording forward marked with :func:`watch`, in the order given
     watched_grads: Sequence[Optional[torch.Tensor]] = field(default_factory=tuple)

@@ -112,6 +112,9 @@ class _Delivery:
         self.callback = None
 
 
+_NO_DELIVERY = _Delivery()  # for outputs routed only to require grad (recorded layers): never given a callback
+
+
 class _Keep(torch.autograd.Function):
     """Identity on a sampled layer's outputs that holds the call's input tensors as saved tensors.
 
@@ -636,7 +639,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         if routed:
             kept_inputs = [input_leaves[i] for i in kept]
             to_route = [leaves[i] for i in routed]
-            delivery = _Delivery()
+            delivery = _Delivery() if kept_by_node else _NO_DELIVERY
             outputs = _Keep.apply(self._anchor(to_route[0]), delivery, len(kept), *kept_inputs, *to_route)
             for i, t in zip(routed, outputs):
                 hooked_leaves[i] = t
@@ -662,7 +665,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
             pass_index=self._current_pass,
             outputs=leaves if (sampler is None or sampler.keep_outputs) else (),
             output_nodes=[t.grad_fn if isinstance(t, torch.Tensor) else None for t in leaves]
-            if kept and _saved_tensors_readable()
+            if kept and sampler.keep_output_nodes and _saved_tensors_readable()
             else (),
         )
         if keep_node is not None:  # the tensors themselves live in the node only (None in the template)

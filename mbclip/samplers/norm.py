@@ -58,7 +58,7 @@ def _saved_statistics(call: LayerCall) -> Optional[Tuple[torch.Tensor, torch.Ten
         return None
 
 
-@register_microbatch_sampler(nn.LayerNorm)
+@register_microbatch_sampler(nn.LayerNorm, keep_output_nodes=True)
 def layer_norm_sampler(module: nn.LayerNorm, call: LayerCall, grad_outputs: Sequence[Optional[torch.Tensor]]) -> Dict:
     if module.weight is None:
         return {}

@@ -40,8 +40,9 @@ class LayerCall:
     batch_first: bool
     pass_index: int
     outputs: Sequence[Optional[torch.Tensor]] = field(default_factory=tuple)
-    # the autograd nodes that produced the raw outputs (``None`` where one has none), on the kept path: what the
-    # layer's own backward saved can be read from them (LayerNorm's mean and 1/std) instead of recomputed
+    # the autograd nodes that produced the raw outputs (``None`` where one has none), for samplers registered with
+    # ``keep_output_nodes=True`` on the kept path and without saved-tensor hooks: what the layer's own backward saved
+    # can be read from them (LayerNorm's mean and 1/std) instead of recomputed
     output_nodes: Sequence[Optional[Any]] = field(default_factory=tuple)
     extra: Dict[str, Any] = field(default_factory=dict)
     # gradients of the tensors a recording forward marked with :func:`watch`, in the order given
@@ -66,8 +67,9 @@ class MicroBatchSampler:
 
     ``batch_dim``: fixed batch dimension of the layer's input (``0`` for convolutions), or ``None``
     to infer it from the batch size. ``keep_outputs``: keep the raw outputs of each call (with
-    their autograd graph) for the sampler. A registered sampler owns every parameter of the
-    layer's subtree: mbclip does not hook the layer's children. ``forward``: an instance-level
+    their autograd graph) for the sampler. ``keep_output_nodes``: keep only the autograd nodes that produced them
+    (``LayerCall.output_nodes``), to read what the layer's backward saved. A registered sampler owns every
+    parameter of the layer's subtree: mbclip does not hook the layer's children. ``forward``: an instance-level
     forward (same numerics, records what the sampler needs) installed on each sampled layer while
     it is wrapped, removed by ``remove_hooks``; its class and ``state_dict`` are untouched.
     ``needs_autograd(module, args, kwargs)``: ``True`` when the sampler will differentiate this call
@@ -82,6 +84,7 @@ class MicroBatchSampler:
     check: Optional[Callable[[nn.Module], Optional[str]]] = None
     forward: Optional[Callable[..., Any]] = None
     needs_autograd: Optional[Callable[[nn.Module, Tuple[Any, ...], Dict[str, Any]], bool]] = None
+    keep_output_nodes: bool = False
 
 
 MICROBATCH_SAMPLERS: Dict[Type[nn.Module], MicroBatchSampler] = {}
@@ -97,6 +100,7 @@ def register_microbatch_sampler(
     check: Optional[Callable[[nn.Module], Optional[str]]] = None,
     forward: Optional[Callable[..., Any]] = None,
     needs_autograd: Optional[Callable[[nn.Module, Tuple[Any, ...], Dict[str, Any]], bool]] = None,
+    keep_output_nodes: bool = False,
 ) -> Callable[[SamplerFn], SamplerFn]:
     """Decorator: register ``fn`` as the micro-batch sampler of ``module_types`` (exact types).
 
@@ -109,7 +113,7 @@ def register_microbatch_sampler(
     def decorator(fn: SamplerFn) -> SamplerFn:
         for module_type in module_types:
             MICROBATCH_SAMPLERS[module_type] = MicroBatchSampler(
-                fn, batch_dim, keep_outputs, check, forward, needs_autograd
+                fn, batch_dim, keep_outputs, check, forward, needs_autograd, keep_output_nodes
             )
             UNSUPPORTED_LAYERS.pop(module_type, None)
         return fn

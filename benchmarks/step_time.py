@@ -10,6 +10,7 @@ with an untimed ``gc.collect()``.
     python benchmarks/step_time.py                        # CPU, 2 threads, every model
     python benchmarks/step_time.py --device cuda --threads 8
     python benchmarks/step_time.py --models conformer,cnn --microbatch-sizes 1,8,32 --repeats 9
+    python benchmarks/step_time.py --models conformer --methods mbclip --repeats 25   # plain and mbclip only
 
 Methods (all with noise 0, max_grad_norm 1, SGD):
 - plain:          the model with native torch layers, ``loss.mean().backward(); opt.step()``.
@@ -35,7 +36,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -279,6 +280,8 @@ MODELS: Dict[str, ModelSpec] = {
 # ---------------------------------------------------------------------------------------------
 
 MAX_GRAD_NORM = 1.0
+# what can run beside plain; each naive and mbclip entry runs at every --microbatch-sizes value
+METHOD_KINDS = ("opacus", "opacus_ghost", "naive", "mbclip")
 LR = 1e-3
 
 Step = Callable[[], None]
@@ -423,8 +426,11 @@ class Result:
     ratios: List[float] = field(default_factory=list)  # each timing over the plain step timed right before it
 
 
-def prepare_methods(spec: ModelSpec, microbatch_sizes: List[int], batch: Batch, device) -> Dict[str, object]:
-    """Every method's step function (or the reason it cannot run), each on its own copy of one model."""
+def prepare_methods(
+    spec: ModelSpec, microbatch_sizes: List[int], batch: Batch, device, kinds: Sequence[str] = METHOD_KINDS
+) -> Dict[str, object]:
+    """The step function of plain and of each method of ``kinds`` (or the reason it cannot run), each on its own copy
+    of one model."""
     torch.manual_seed(0)
     base = spec.build().to(device)
     methods: Dict[str, object] = {}
@@ -438,14 +444,19 @@ def prepare_methods(spec: ModelSpec, microbatch_sizes: List[int], batch: Batch, 
             methods[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
 
     add("plain", lambda: plain_step(spec, copy.deepcopy(base), batch))
-    if spec.build_opacus is None:
-        methods["opacus"] = methods["opacus_ghost"] = "no Opacus counterpart"
-    else:
-        add("opacus", lambda: opacus_step(spec, spec.build_opacus().to(device), batch))
-        add("opacus_ghost", lambda: opacus_ghost_step(spec, spec.build_opacus().to(device), batch))
-    for b in microbatch_sizes:
+    if "opacus" in kinds:
+        if spec.build_opacus is None:
+            methods["opacus"] = "no Opacus counterpart"
+        else:
+            add("opacus", lambda: opacus_step(spec, spec.build_opacus().to(device), batch))
+    if "opacus_ghost" in kinds:
+        if spec.build_opacus is None:
+            methods["opacus_ghost"] = "no Opacus counterpart"
+        else:
+            add("opacus_ghost", lambda: opacus_ghost_step(spec, spec.build_opacus().to(device), batch))
+    for b in microbatch_sizes if "naive" in kinds else ():
         add(f"naive_b{b}", lambda b=b: naive_step(spec, copy.deepcopy(base), batch, b))
-    for b in microbatch_sizes:
+    for b in microbatch_sizes if "mbclip" in kinds else ():
         add(f"mbclip_b{b}", lambda b=b: mbclip_step(spec, copy.deepcopy(base), batch, b))
     return methods
 
@@ -453,7 +464,7 @@ def prepare_methods(spec: ModelSpec, microbatch_sizes: List[int], batch: Batch, 
 def run_model(name: str, spec: ModelSpec, args, device) -> Dict[str, Result]:
     torch.manual_seed(1)
     batch = spec.make_batch(args.batch_size, args.seq_len, device)
-    methods = prepare_methods(spec, args.microbatch_sizes, batch, device)
+    methods = prepare_methods(spec, args.microbatch_sizes, batch, device, args.methods)
     results = {m: Result([], error=s if isinstance(s, str) else None) for m, s in methods.items()}
     runnable = [(m, s) for m, s in methods.items() if not isinstance(s, str)]
     plain = methods["plain"] if not isinstance(methods["plain"], str) else None
@@ -505,6 +516,11 @@ def parse_args(argv=None):
     parser.add_argument("--seq-len", type=int, default=64, help="frames or tokens per sample (not used by cnn)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up step each)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHOD_KINDS),
+        help=f"comma-separated, from {','.join(METHOD_KINDS)} (plain always runs: the ratios are to it)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory runs")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of methods that fail")
     args = parser.parse_args(argv)
@@ -513,6 +529,10 @@ def parse_args(argv=None):
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "plain"]
+    unknown = [m for m in args.methods if m not in METHOD_KINDS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {list(METHOD_KINDS)}")
     try:
         device = torch.device(args.device)
     except RuntimeError as error:

@@ -40,3 +40,16 @@ def test_per_call_overhead_prints_the_three_phases(capsys):
     out = capsys.readouterr().out
     for phase in ("forward", "backward", "step"):
         assert f"| {phase}" in out, out
+
+
+def test_step_time_runs_only_the_methods_asked_for(capsys):
+    step_time = load("step_time")
+    step_time.main(
+        ["--models", "cnn", "--microbatch-sizes", "8", "--batch-size", "8", "--repeats", "1", "--methods", "mbclip"]
+    )
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    assert rows == ["method", "plain", "mbclip_b8"], out
+    with pytest.raises(SystemExit):
+        step_time.parse_args(["--methods", "mbclip,dp_sgd"])
+    assert "dp_sgd" in capsys.readouterr().err

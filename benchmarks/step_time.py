@@ -444,16 +444,11 @@ def prepare_methods(
             methods[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
 
     add("plain", lambda: plain_step(spec, copy.deepcopy(base), batch))
-    if "opacus" in kinds:
-        if spec.build_opacus is None:
-            methods["opacus"] = "no Opacus counterpart"
-        else:
-            add("opacus", lambda: opacus_step(spec, spec.build_opacus().to(device), batch))
-    if "opacus_ghost" in kinds:
-        if spec.build_opacus is None:
-            methods["opacus_ghost"] = "no Opacus counterpart"
-        else:
-            add("opacus_ghost", lambda: opacus_ghost_step(spec, spec.build_opacus().to(device), batch))
+    for name, opacus_method in (("opacus", opacus_step), ("opacus_ghost", opacus_ghost_step)):
+        if name in kinds and spec.build_opacus is None:
+            methods[name] = "no Opacus counterpart"
+        elif name in kinds:
+            add(name, lambda method=opacus_method: method(spec, spec.build_opacus().to(device), batch))
     for b in microbatch_sizes if "naive" in kinds else ():
         add(f"naive_b{b}", lambda b=b: naive_step(spec, copy.deepcopy(base), batch, b))
     for b in microbatch_sizes if "mbclip" in kinds else ():

@@ -582,16 +582,16 @@ class MicroBatchGradSampleModule(GradSampleModule):
             self.autograd_written.update(dict.fromkeys(layer.trainable()))
         if sampler is not None:
             switched: List[nn.Parameter] = []
-            batch_dim = self._call_batch_dim(layer, args, kwargs)  # the forward hook reads it from the stack too
+            batched_dim = self._call_batch_dim(layer, args, kwargs)  # the forward hook reads it from the stack too
             if not self.check_gradients and self._pass_batch_sizes[self._current_pass] > 0:
-                if batch_dim[0] and not uses_autograd:
+                if batched_dim[0] and not uses_autograd:
                     switched = layer.trainable()
                     for p in switched:
                         p.requires_grad_(False)
                 else:  # this call's gradients go through autograd, so autograd writes p.grad for these parameters
                     self.autograd_kept.update(dict.fromkeys(layer.trainable()))
                     self._grad_writing_passes.add(self._current_pass)
-            self._switched_off.append((switched, batch_dim))
+            self._switched_off.append((switched, batched_dim))
         return _bounded_inputs(args, kwargs) if uses_autograd else None
 
     def _on_forward(self, module: nn.Module, args, kwargs, output, *, layer: HookedLayer):
@@ -607,7 +607,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
     def _record_call(self, module: nn.Module, args, kwargs, output, layer: HookedLayer):
         if self._current_pass is None or self._current_pass in self._whole_passes:
             return None
-        switched, batch_dim = self._switched_off.pop() if layer.sampler is not None else ([], None)
+        switched, batched_dim = self._switched_off.pop() if layer.sampler is not None else ([], None)
         for p in switched:
             p.requires_grad_(True)
         batch_size = self._pass_batch_sizes[self._current_pass]
@@ -630,7 +630,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         ]
         if batch_size == 0 or not (routed or any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves)):
             return None
-        batched, batch_dim = batch_dim if batch_dim is not None else self._call_batch_dim(layer, args, kwargs)
+        batched, batch_dim = batched_dim if batched_dim is not None else self._call_batch_dim(layer, args, kwargs)
         if not batched:  # a sampled layer on a tensor without the batch: the enclosing layer covers it
             return None
         input_leaves, rebuild_inputs = flatten_call(args, kwargs)

@@ -20,7 +20,7 @@ is set aside; at the end of that backward the new ``p.grad`` is taken as the pas
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from types import MethodType
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -131,6 +131,8 @@ class _Keep(torch.autograd.Function):
         ctx.num_kept = num_kept
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*tensors[:num_kept])
+        if len(tensors) == num_kept + 1:  # one output (most layers): returned alone, cheaper than a tuple of one
+            return tensors[num_kept].detach()
         return tuple(t.detach() for t in tensors[num_kept:])
 
     @staticmethod
@@ -139,6 +141,17 @@ class _Keep(torch.autograd.Function):
         if callback is not None and not is_suspended():
             callback(list(grads))
         return (None, None, None) + (None,) * ctx.num_kept + grads
+
+
+# ``Function.apply``'s Python wrapper (functorch checks, unwrapping dead wrappers) costs as much as the node
+# itself; outside functorch transforms it ends in this C ``apply``, which the keeper node calls directly.
+_keep_apply_c = super(torch.autograd.Function, _Keep).apply
+
+
+def _keep_apply(*args):
+    if torch._C._are_functorch_transforms_active():
+        return _Keep.apply(*args)
+    return _keep_apply_c(*args)
 
 
 class _StepRecords(list):
@@ -188,7 +201,15 @@ def _is_float_tensor(value) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
+@lru_cache(maxsize=256)
+def _layout(batch_size: int, microbatch_size: int) -> MicroBatchLayout:
+    """One (immutable) layout object per batch size: built at every layer call otherwise."""
+    return MicroBatchLayout(batch_size, microbatch_size)
+
+
 def _first_tensor(args: Sequence, kwargs: Dict) -> Optional[object]:
+    if args and isinstance(args[0], torch.Tensor):  # the usual call: the activations first
+        return args[0]
     for leaf in list(args) + list(kwargs.values()):
         if isinstance(leaf, (torch.Tensor, PackedSequence)):
             return leaf
@@ -303,8 +324,9 @@ class MicroBatchGradSampleModule(GradSampleModule):
         self._sums: Dict[nn.Parameter, Dict[int, MicroBatchSums]] = {}
         self._claimed: Dict[nn.Parameter, int] = {}
         self.low_precision_seen: set = set()  # half dtypes of output gradients since the last step (autocast)
-        # per open sampled call: parameters made grad-free, and the call's (batched, batch_dim)
-        self._switched_off: List[Tuple[List[nn.Parameter], Tuple[bool, Optional[int]]]] = []
+        # per open sampled call: parameters made grad-free, the call's (batched, batch_dim), and its trainable
+        # parameters
+        self._switched_off: List[Tuple[List[nn.Parameter], Tuple[bool, Optional[int]], List[nn.Parameter]]] = []
         # activation checkpointing: hooked calls still open in a forward that backward re-runs, and the graph
         # tasks (backward runs) in which each pass's gradients arrived, to tell which pass a re-run belongs to
         self._recomputing = 0
@@ -341,7 +363,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         """The micro-batch layout of the pass being recorded now; ``None`` outside a recorded forward."""
         if self._current_pass is None:
             return None
-        return MicroBatchLayout(self._pass_batch_sizes[self._current_pass], self.microbatch_size)
+        return _layout(self._pass_batch_sizes[self._current_pass], self.microbatch_size)
 
     @property
     def num_passes(self) -> int:
@@ -582,16 +604,17 @@ class MicroBatchGradSampleModule(GradSampleModule):
             self.autograd_written.update(dict.fromkeys(layer.trainable()))
         if sampler is not None:
             switched: List[nn.Parameter] = []
+            trainable = layer.trainable()
             batched_dim = self._call_batch_dim(layer, args, kwargs)  # the forward hook reads it from the stack too
             if not self.check_gradients and self._pass_batch_sizes[self._current_pass] > 0:
                 if batched_dim[0] and not uses_autograd:
-                    switched = layer.trainable()
+                    switched = trainable
                     for p in switched:
                         p.requires_grad_(False)
                 else:  # this call's gradients go through autograd, so autograd writes p.grad for these parameters
-                    self.autograd_kept.update(dict.fromkeys(layer.trainable()))
+                    self.autograd_kept.update(dict.fromkeys(trainable))
                     self._grad_writing_passes.add(self._current_pass)
-            self._switched_off.append((switched, batched_dim))
+            self._switched_off.append((switched, batched_dim, trainable))
         return _bounded_inputs(args, kwargs) if uses_autograd else None
 
     def _on_forward(self, module: nn.Module, args, kwargs, output, *, layer: HookedLayer):
@@ -607,7 +630,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
     def _record_call(self, module: nn.Module, args, kwargs, output, layer: HookedLayer):
         if self._current_pass is None or self._current_pass in self._whole_passes:
             return None
-        switched, batched_dim = self._switched_off.pop() if layer.sampler is not None else ([], None)
+        switched, batched_dim, trainable = self._switched_off.pop() if layer.sampler is not None else ([], None, [])
         for p in switched:
             p.requires_grad_(True)
         batch_size = self._pass_batch_sizes[self._current_pass]
@@ -621,7 +644,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         # intermediates, delivered after the layer's backward) and the fallback keep their inputs themselves.
         # read once and dropped: the hooks hold the watched tensors' graph nodes, not the tensors, so those that
         # backward does not need are freed after the forward
-        watched = _take_watched(leaves[0]) if leaves and sampler is not None else ()
+        watched = _take_watched(leaves[0]) if leaves and sampler is not None and sampler.forward is not None else ()
         kept_by_node = sampler is not None and not watched
         routed = [
             i
@@ -640,7 +663,8 @@ class MicroBatchGradSampleModule(GradSampleModule):
             kept_inputs = [input_leaves[i] for i in kept]
             to_route = [leaves[i] for i in routed]
             delivery = _Delivery() if kept_by_node else _NO_DELIVERY
-            outputs = _Keep.apply(self._anchor(to_route[0]), delivery, len(kept), *kept_inputs, *to_route)
+            outputs = _keep_apply(self._anchor(to_route[0]), delivery, len(kept), *kept_inputs, *to_route)
+            outputs = (outputs,) if len(to_route) == 1 else outputs
             for i, t in zip(routed, outputs):
                 hooked_leaves[i] = t
         replaced = rebuild_output(hooked_leaves) if routed else None  # what the forward hook returns
@@ -648,7 +672,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         if not needs_grad:
             return replaced
         if sampler is not None:
-            params = layer.trainable()
+            params = trainable
         else:
             params = layer.trainable(recurse=False) + [p for p in layer.trainable() if p not in self._claimed]
             params = list(dict.fromkeys(params))
@@ -659,7 +683,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         call = LayerCall(
             args=detached_args,
             kwargs=detached_kwargs,
-            layout=MicroBatchLayout(batch_size, self.microbatch_size),
+            layout=_layout(batch_size, self.microbatch_size),
             batch_dim=batch_dim,
             batch_first=self.batch_first,
             pass_index=self._current_pass,
@@ -763,7 +787,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         passes = sorted({k for per_pass in self._sums.values() for k in per_pass})
         if not passes:
             return None
-        layouts = [MicroBatchLayout(self._pass_batch_sizes[k], self.microbatch_size) for k in passes]
+        layouts = [_layout(self._pass_batch_sizes[k], self.microbatch_size) for k in passes]
         device = next((p.device for p, per_pass in self._sums.items() if per_pass), None)
         sizes = torch.cat([layout.microbatch_sizes(device=device) for layout in layouts])
         # The sums hold gradients of the loss as backward saw it; one factor per micro-batch turns them into
@@ -780,6 +804,9 @@ class MicroBatchGradSampleModule(GradSampleModule):
             per_pass = self._sums.get(p)
             if not per_pass:
                 collected.append(None)
+                continue
+            if len(passes) == 1:  # one pass (the usual step): its sums as they are
+                collected.append(per_pass[passes[0]])
                 continue
             parts = [
                 per_pass[k] if k in per_pass else FormedSums(p.new_zeros((layout.num_microbatches,) + tuple(p.shape)))

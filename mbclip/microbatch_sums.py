@@ -46,6 +46,12 @@ class FormedSums:
             return (flat * weights).view((1,) + tuple(self.sums.shape[1:]))
         return torch.mm(weights, flat).view((weights.shape[0],) + tuple(self.sums.shape[1:]))
 
+    def weighted_total(self, weights: torch.Tensor) -> torch.Tensor:
+        """``[*shape]``: ``sum_j weights[j] * G_j`` for ``weights`` ``[M]`` of the sums' dtype and device (the step's
+        update: one row, nothing dropped, in as few operations as the sum takes)."""
+        sums = self.sums
+        return torch.mm(weights.view(1, -1), sums.reshape(sums.shape[0], -1)).view(sums.shape[1:])
+
     def formed(self) -> torch.Tensor:
         return self.sums
 
@@ -69,6 +75,10 @@ class FactoredSums:
     def norms(self, grams: Optional[GramCache] = None) -> torch.Tensor:
         """``[M]`` ghost norms from the Gram matrices of the two factors, chunked to bound memory; ``grams`` shares
         the Gram matrices of a factor that other parameters' sums use too."""
+        return _root(self.squared_norms(grams))
+
+    def squared_norms(self, grams: Optional[GramCache] = None) -> torch.Tensor:
+        """``[M]`` squared ghost norms (rounding may leave a tiny negative one: :func:`_root` clamps it)."""
         grams = grams if grams is not None else GramCache(set())
         rows = self.backprops.shape[1]
         chunk = max(1, MAX_GRAM_ELEMENTS // max(rows * rows, 1))
@@ -76,26 +86,29 @@ class FactoredSums:
         for first in range(0, self.num_microbatches, chunk):
             g, a = (grams.gram(t, first, first + chunk) for t in (self.backprops, self.activations))
             squared.append((g * a).sum(dim=(1, 2)))
-        return (squared[0] if len(squared) == 1 else torch.cat(squared)).clamp_min(0).sqrt()
+        return squared[0] if len(squared) == 1 else torch.cat(squared)
 
     def weighted_sum(self, weights: torch.Tensor, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``[K, *shape]``: one matmul per row of ``weights`` over every micro-batch's rows at once."""
-        backprops, activations = self.backprops, self.activations
+        factors = self
         if kept is not None:
-            backprops, activations, weights = backprops[kept], activations[kept], weights[:, kept]
-        weights = weights.to(device=backprops.device, dtype=backprops.dtype)
-        flat_backprops = backprops.reshape(-1, backprops.shape[-1])
-        flat_activations = activations.reshape(-1, activations.shape[-1])
-        sums = []
-        for row in weights:  # each micro-batch's weight scales its rows of the narrower factor
-            if backprops.shape[-1] <= activations.shape[-1]:
-                scaled = (backprops * row.view(-1, 1, 1)).reshape(-1, backprops.shape[-1])
-                sums.append(scaled.t() @ flat_activations)
-            else:
-                scaled = (activations * row.view(-1, 1, 1)).reshape(-1, activations.shape[-1])
-                sums.append(flat_backprops.t() @ scaled)
-        summed = sums[0].unsqueeze(0) if len(sums) == 1 else torch.stack(sums)  # one row (the step): no copy
-        return summed.view((weights.shape[0],) + self.shape)
+            factors = FactoredSums(self.backprops[kept], self.activations[kept], self.shape)
+            weights = weights[:, kept]
+        weights = weights.to(device=self.backprops.device, dtype=self.backprops.dtype)
+        return torch.stack([factors.weighted_total(row) for row in weights])
+
+    def weighted_total(self, weights: torch.Tensor) -> torch.Tensor:
+        """``[*shape]``: one matmul over every micro-batch's rows, each micro-batch's weight scaling its rows of the
+        narrower factor; ``weights`` ``[M]`` of the factors' dtype and device."""
+        backprops, activations = self.backprops, self.activations
+        out_features, in_features = backprops.shape[-1], activations.shape[-1]
+        if out_features <= in_features:
+            scaled = (backprops * weights.view(-1, 1, 1)).reshape(-1, out_features)
+            total = torch.mm(scaled.t(), activations.reshape(-1, in_features))
+        else:
+            scaled = (activations * weights.view(-1, 1, 1)).reshape(-1, in_features)
+            total = torch.mm(backprops.reshape(-1, out_features).t(), scaled)
+        return total.view(self.shape)
 
     def formed(self) -> torch.Tensor:
         return torch.bmm(self.backprops.transpose(1, 2), self.activations).view((-1,) + self.shape)
@@ -118,6 +131,9 @@ class IndexedSums:
         return self.rows.shape[0]
 
     def norms(self, grams: Optional[GramCache] = None) -> torch.Tensor:
+        return _root(self.squared_norms(grams))
+
+    def squared_norms(self, grams: Optional[GramCache] = None) -> torch.Tensor:
         rows = self.rows.shape[1]
         chunk = max(1, MAX_GRAM_ELEMENTS // max(rows * rows, 1))
         squared = []
@@ -126,7 +142,7 @@ class IndexedSums:
             index = self.indices[first : first + chunk]
             same_row = index.unsqueeze(2) == index.unsqueeze(1)
             squared.append((torch.bmm(g, g.transpose(1, 2)) * same_row).sum(dim=(1, 2)))
-        return torch.cat(squared).clamp_min(0).sqrt()
+        return squared[0] if len(squared) == 1 else torch.cat(squared)
 
     def weighted_sum(self, weights: torch.Tensor, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
         rows, indices = self.rows, self.indices
@@ -139,6 +155,9 @@ class IndexedSums:
             table = rows.new_zeros(self.num_rows, rows.shape[-1])
             sums.append(table.index_add_(0, flat_index, (rows * row.view(-1, 1, 1)).reshape(-1, rows.shape[-1])))
         return sums[0].unsqueeze(0) if len(sums) == 1 else torch.stack(sums)
+
+    def weighted_total(self, weights: torch.Tensor) -> torch.Tensor:
+        return self.weighted_sum(weights.view(1, -1))[0]
 
     def formed(self) -> torch.Tensor:
         num_microbatches, _, width = self.rows.shape
@@ -174,6 +193,14 @@ class StackedSums:
             total = piece if total is None else total + piece
         return total
 
+    def weighted_total(self, weights: torch.Tensor) -> torch.Tensor:
+        total = None
+        for part, rows in self._ranges():
+            dtype, device = _dtype_and_device(part)
+            piece = part.weighted_total(weights[rows].to(dtype=dtype, device=device))
+            total = piece if total is None else total + piece
+        return total
+
     def formed(self) -> torch.Tensor:
         return torch.cat([part.formed() for part in self.parts])
 
@@ -188,18 +215,35 @@ def _single_formed(sums: Sequence[MicroBatchSums]) -> List[int]:
 
 def norms_of(sums: Sequence[MicroBatchSums], grams: Optional[GramCache] = None) -> List[torch.Tensor]:
     """Each parameter's ``[M]`` norms; single formed micro-batches in one ``_foreach_norm`` (as ``clip_grad_norm_``),
-    not one call per parameter."""
+    not one call per parameter, and the square roots of every ghost norm in one operation."""
     norms: List[Optional[torch.Tensor]] = [None] * len(sums)
     single = _single_formed(sums)
     if single:
         for i, norm in zip(single, torch._foreach_norm([_at_least_float32(sums[i].sums) for i in single])):
             norms[i] = norm.reshape(1)
-    return [norm if norm is not None else part.norms(grams) for norm, part in zip(norms, sums)]
+    squared: Dict[int, torch.Tensor] = {}
+    for i, part in enumerate(sums):
+        if norms[i] is None:
+            if isinstance(part, (FactoredSums, IndexedSums)):
+                squared[i] = part.squared_norms(grams)
+            else:
+                norms[i] = part.norms(grams)
+    if len({(t.dtype, t.device) for t in squared.values()}) == 1:
+        for i, root in zip(squared, _root(torch.stack(list(squared.values()))).unbind(0)):
+            norms[i] = root
+    else:
+        for i, value in squared.items():
+            norms[i] = _root(value)
+    return norms
+
+
+def _root(squared_norms: torch.Tensor) -> torch.Tensor:
+    return squared_norms.clamp_min(0).sqrt()
 
 
 def weighted_sums_of(sums: Sequence[MicroBatchSums], weights: torch.Tensor) -> List[torch.Tensor]:
-    """``sum_j weights[0, j] G_j`` for every parameter (one row of weights shared by all, nothing dropped); single
-    formed micro-batches are scaled in one ``_foreach_mul``."""
+    """``sum_j weights[0, j] G_j`` for every parameter (one row of weights shared by all, nothing dropped), shaped
+    like the parameter; single formed micro-batches are scaled in one ``_foreach_mul``."""
     summed: List[Optional[torch.Tensor]] = [None] * len(sums)
     like_weights = (weights.dtype, weights.device)
     single = [i for i in _single_formed(sums) if (sums[i].sums.dtype, sums[i].sums.device) == like_weights]
@@ -207,7 +251,28 @@ def weighted_sums_of(sums: Sequence[MicroBatchSums], weights: torch.Tensor) -> L
         scaled = torch._foreach_mul([sums[i].sums[0] for i in single], weights.reshape(()))
         for i, tensor in zip(single, scaled):
             summed[i] = tensor
-    return [total if total is not None else part.weighted_sum(weights)[0] for total, part in zip(summed, sums)]
+    rows: Dict[Tuple[torch.dtype, torch.device], torch.Tensor] = {like_weights: weights.reshape(-1)}
+    for i, (total, part) in enumerate(zip(summed, sums)):
+        if total is None:
+            kind = _dtype_and_device(part)
+            row = rows.get(kind)
+            if row is None:  # the weights converted once per dtype and device, not once per parameter
+                row = rows[kind] = weights.reshape(-1).to(dtype=kind[0], device=kind[1])
+            summed[i] = part.weighted_total(row)
+    return summed
+
+
+def _dtype_and_device(sums: MicroBatchSums) -> Tuple[torch.dtype, torch.device]:
+    """The dtype and device a sum's weights must have (those of its first part, for stacked passes)."""
+    if isinstance(sums, StackedSums):
+        return _dtype_and_device(sums.parts[0])
+    if isinstance(sums, FormedSums):
+        tensor = sums.sums
+    elif isinstance(sums, FactoredSums):
+        tensor = sums.backprops
+    else:
+        tensor = sums.rows
+    return tensor.dtype, tensor.device
 
 
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
@@ -240,12 +305,16 @@ class GramCache:
         return cls({key for key, count in counts.items() if count > 1})
 
     def gram(self, tensor: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """The Gram matrices of micro-batches ``first:last`` of ``tensor``."""
+        part = tensor if first == 0 and last >= tensor.shape[0] else tensor[first:last]
+        if not self._shared:
+            return _compute_gram(part)
         key = _factor_key(tensor)
         if key not in self._shared:
-            return _compute_gram(tensor[first:last])
+            return _compute_gram(part)
         gram = self._grams.get((key, first))
         if gram is None:
-            gram = self._grams[(key, first)] = _compute_gram(tensor[first:last])
+            gram = self._grams[(key, first)] = _compute_gram(part)
         return gram
 
 

@@ -132,13 +132,14 @@ class MicroBatchOptimizer(DPOptimizer):
     def pre_step(self, closure=None) -> bool:
         """Clip and average into ``p.grad``; ``False`` when the user's optimizer must not step."""
         self.grad_module.close_recomputation()  # before self.params reads requires_grad
-        collected = self.grad_module.collect(self.params)
+        params = self.params  # a new list at each read (Opacus): read once per step
+        collected = self.grad_module.collect(params)
         if collected is None:  # no sample reached backward (an empty batch, or no batch at all)
             return self._step_without_samples()
         if self._check_skip_next_step():
             self._is_last_step_skipped = True
             return False
-        self._apply(collected)
+        self._apply(collected, params)
         if not self.last_step.applied:
             warnings.warn(
                 f"all {self.last_step.num_microbatches} micro-batch gradients of this step are not finite (NaN or "
@@ -181,8 +182,7 @@ class MicroBatchOptimizer(DPOptimizer):
         self.last_step.noise_std = float(std / normalizer)
         return self._finish_step(num_passes)
 
-    def _apply(self, collected: MicroBatchGradients) -> None:
-        params = self.params
+    def _apply(self, collected: MicroBatchGradients, params: List[torch.nn.Parameter]) -> None:
         present = [(p, sums) for p, sums in zip(params, collected.sums) if sums is not None]
         grams = GramCache.of_shared_factors([sums for _, sums in present])  # shared factors' Gram matrices once
         raw_norms = torch.stack(norms_of([sums for _, sums in present], grams), dim=1)  # [M, P']: norms of the sums
@@ -200,7 +200,7 @@ class MicroBatchOptimizer(DPOptimizer):
         if checking and not fused_check:
             self._verify(collected)
         if not checking:
-            self._check_nothing_unsplit(present)
+            self._check_nothing_unsplit(present, params)
         if num_dropped and self.nonfinite == "raise":
             raise BatchError(
                 f"{num_dropped} of {norms.numel()} micro-batch gradients are not finite (NaN or Inf). "
@@ -243,7 +243,8 @@ class MicroBatchOptimizer(DPOptimizer):
                         secure_mode=self.secure_mode,
                     )
                     summed = summed + noise / normalizer
-                summed = summed.view_as(p)
+                if summed.shape != p.shape:
+                    summed = summed.view_as(p)
                 p.grad = summed if summed.dtype == p.dtype else summed.to(p.dtype)
         per_microbatch_weight = full_factors / normalizer
         if self.grad_module.microbatch_reduction == "mean":
@@ -320,7 +321,7 @@ class MicroBatchOptimizer(DPOptimizer):
                     raise BatchError(self._mismatch_message(module.parameter_name(p)))
         return summed_all
 
-    def _check_nothing_unsplit(self, present) -> None:
+    def _check_nothing_unsplit(self, present, params) -> None:
         """On an unchecked step: autograd must have left no gradient that the micro-batch gradients miss.
 
         Parameters the samplers computed alone must still hold the ``p.grad`` they had at the forward;
@@ -328,8 +329,10 @@ class MicroBatchOptimizer(DPOptimizer):
         """
         present_ids = {id(p) for p, _ in present}
         snapshots = self.grad_module.grad_snapshots
-        for p in self.params:
+        for p in params:
             grad = p.grad
+            if grad is None:  # nothing autograd could have left (the usual case: samplers alone ran)
+                continue
             if p in self.grad_module.autograd_kept:
                 continue  # some call of the step differentiated it with autograd on purpose
             if p in snapshots and p not in self.grad_module.autograd_written:

@@ -98,6 +98,29 @@ def test_passes_stack_in_order():
     torch.testing.assert_close(stacked.weighted_sum(weights, kept), formed.weighted_sum(weights, kept))
 
 
+def test_every_kind_of_sums_gives_the_steps_weighted_total_as_its_weighted_sum():
+    """``weighted_total`` (the step's one row, shaped like the parameter) is ``weighted_sum`` of that row."""
+    torch.manual_seed(0)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        kinds = [
+            FormedSums(torch.randn(4, 5, 6)),
+            FactoredSums(*_factors(), (5, 6)),
+            FactoredSums(*_factors(out_features=7, in_features=2), (7, 2)),  # scales the narrower activations
+            _indexed(),
+            stack_passes([FactoredSums(*_factors(num_microbatches=2), (5, 6)), FormedSums(torch.randn(2, 5, 6))]),
+        ]
+        weights = torch.tensor([[0.5, -1.0, 2.0, 0.25]])
+    finally:
+        torch.set_default_dtype(default_dtype)
+    for sums, total in zip(kinds, weighted_sums_of(kinds, weights)):
+        expected = sums.weighted_sum(weights)[0]
+        assert total.shape == expected.shape == sums.formed().shape[1:]
+        torch.testing.assert_close(total, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sums.weighted_total(weights[0]), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_cost_model_keeps_the_smaller_form():
     assert isinstance(outer_product_sums(*_factors(rows=1, out_features=64, in_features=64)), FactoredSums)
     assert isinstance(outer_product_sums(*_factors(rows=64, out_features=8, in_features=8)), torch.Tensor)

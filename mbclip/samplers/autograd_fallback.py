@@ -32,12 +32,11 @@ def infer_batch_dim(shape: Sequence[int], batch_size: int, batch_first: bool) ->
     """
     if batch_size > 1 and len(shape) > 1 and shape[0] == 1:
         return None
-    candidates = [dim for dim in (0, 1) if dim < len(shape) and shape[dim] == batch_size]
-    if not candidates:
-        return None
-    if len(candidates) == 2:
+    on_first = len(shape) > 0 and shape[0] == batch_size
+    on_second = len(shape) > 1 and shape[1] == batch_size
+    if on_first and on_second:
         return 0 if batch_first else 1
-    return candidates[0]
+    return 0 if on_first else 1 if on_second else None
 
 
 def _masked_output_grads(grad: torch.Tensor, batch_dim: int, call: LayerCall, first: int, last: int) -> torch.Tensor:

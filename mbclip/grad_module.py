@@ -144,12 +144,14 @@ class _Keep(torch.autograd.Function):
 
 
 # ``Function.apply``'s Python wrapper (functorch checks, unwrapping dead wrappers) costs as much as the node
-# itself; outside functorch transforms it ends in this C ``apply``, which the keeper node calls directly.
+# itself; outside functorch transforms it ends in this C ``apply``, which the keeper node calls directly (its
+# tensors are the layer's own inputs and outputs, which the layer has just computed with).
 _keep_apply_c = super(torch.autograd.Function, _Keep).apply
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 
 
 def _keep_apply(*args):
-    if torch._C._are_functorch_transforms_active():
+    if _functorch_active is None or _functorch_active():  # another torch, or inside vmap/grad: the public path
         return _Keep.apply(*args)
     return _keep_apply_c(*args)
 

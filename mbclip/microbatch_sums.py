@@ -95,7 +95,8 @@ class FactoredSums:
             factors = FactoredSums(self.backprops[kept], self.activations[kept], self.shape)
             weights = weights[:, kept]
         weights = weights.to(device=self.backprops.device, dtype=self.backprops.dtype)
-        return torch.stack([factors.weighted_total(row) for row in weights])
+        totals = [factors.weighted_total(row) for row in weights]
+        return totals[0].unsqueeze(0) if len(totals) == 1 else torch.stack(totals)  # one row: no copy
 
     def weighted_total(self, weights: torch.Tensor) -> torch.Tensor:
         """``[*shape]``: one matmul over every micro-batch's rows, each micro-batch's weight scaling its rows of the

@@ -377,3 +377,34 @@ def test_layer_norm_reads_the_forwards_statistics_where_it_may(hooked, microbatc
     # backward reaches the second LayerNorm first. On the checked run both have a node (their parameters require
     # grad); on the sampler-only run the first, on the raw input with its parameters off, has none
     assert read == ([False] * 4 if hooked else [True, True, True, False]), read
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+@pytest.mark.parametrize("microbatch_size", [1, 3])
+def test_group_norm_reads_the_forwards_statistics_where_it_may(hooked, microbatch_size):
+    """GroupNorm's affine sums take the mean and 1/std its forward saved where its node exists (no second
+    normalization pass), and compute them where it does not or where saved tensors are behind hooks; every way
+    gives the reference update."""
+    from mbclip.samplers import norm
+
+    torch.manual_seed(4)
+    inner = nn.Sequential(
+        nn.GroupNorm(2, 4), nn.Conv1d(4, 6, 3, padding=1), nn.GroupNorm(3, 6), nn.Flatten(), nn.Linear(30, 2)
+    )
+    model = _UnderSavedTensorHooks(inner) if hooked else inner
+    losses = sequence_regression(lambda: 2.0 * torch.randn(B, 4, 5) + 1.0, lambda: torch.randn(B, 2))
+    ref = reference_update(model, losses, B, microbatch_size, "fixed", 0.05)
+    read = []
+    saved_statistics = norm._saved_statistics
+
+    def spy(call, node_name="NativeLayerNormBackward0"):
+        statistics = saved_statistics(call, node_name)
+        read.append(statistics is not None)
+        return statistics
+
+    with mock.patch.object(norm, "_saved_statistics", spy):
+        update, _ = mbclip_update(model, losses, microbatch_size, "fixed", 0.05)
+    assert_close_update(update, ref.update)
+    # as for LayerNorm: the second GroupNorm first; the first, on the raw input, has no node once its parameters
+    # are off (the sampler-only run)
+    assert read == ([False] * 4 if hooked else [True, True, True, False]), read

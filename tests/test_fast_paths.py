@@ -7,13 +7,15 @@ gradient verification, ragged last micro-batches, and attention through the auto
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from helpers import on_both_paths
-from mbclip import MicroBatchClipping
+from mbclip import MicroBatchClipping, grad_module
 from reference import assert_close_update, reference_update
 from toy_models import TinyConformerBlock, TinyLM
 
@@ -70,6 +72,33 @@ def test_model_matches_reference(case, microbatch_size, loss_reduction, microbat
     update, optimizer = on_both_paths(model, run)
     assert_close_update(update, reference.update)
     torch.testing.assert_close(optimizer.last_step.microbatch_norms, reference.norms, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("functorch_check", ["present", "absent"])
+def test_keeper_node_apply_paths_match_reference(functorch_check):
+    """The keeper node is created through autograd.Function's C apply where torch can tell that no functorch
+    transform runs, and through the public ``apply`` otherwise: both give the reference update."""
+    model, per_sample_losses = _conformer_case(6)
+    reference = reference_update(model, per_sample_losses, 6, 2, "fixed", 0.05)
+    check = grad_module._functorch_active if functorch_check == "present" else None
+    applied = []
+    public_apply = grad_module._Keep.apply
+
+    def spy(*args):
+        applied.append(args[0].shape)
+        return public_apply(*args)
+
+    wrapped, optimizer, _ = MicroBatchClipping().make_clipped(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), microbatch_size=2, max_grad_norm=0.05
+    )
+    with (
+        mock.patch.object(grad_module, "_functorch_active", check),
+        mock.patch.object(grad_module._Keep, "apply", side_effect=spy),
+    ):
+        per_sample_losses(wrapped, slice(None)).mean().backward()
+    assert optimizer.pre_step()
+    assert_close_update([p.grad for p in model.parameters()], reference.update)
+    assert bool(applied) == (check is None)  # the public apply ran exactly when the check is absent
 
 
 def test_two_passes_before_one_step_match_reference():

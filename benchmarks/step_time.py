@@ -4,8 +4,9 @@ One process, interleaved repetitions (every method runs once per round, rounds r
 drifts of the machine hit every method alike. Every timed step of a method follows a timed plain step of the same
 model, and "x plain" is the median over rounds of that pair's ratio: on a shared machine whose speed drifts by
 20-30% within minutes, a paired ratio is far steadier than a ratio of two medians. Prints the median step time, that
-ratio, and the peak memory of one step above what was live before it (and its ratio to plain's). Each round starts
-with an untimed ``gc.collect()``.
+ratio, the interquartile range of the paired ratios over rounds ("q1-q3": how far one run's ratio can be trusted),
+and the peak memory of one step above what was live before it (and its ratio to plain's). Each round starts with an
+untimed ``gc.collect()``.
 
     python benchmarks/step_time.py                        # CPU, 2 threads, every model
     python benchmarks/step_time.py --device cuda --threads 8
@@ -483,22 +484,33 @@ def run_model(name: str, spec: ModelSpec, args, device) -> Dict[str, Result]:
     return results
 
 
+def ratio_spread(ratios: Sequence[float]) -> str:
+    """The first and third quartiles of the paired ratios, ``"q1-q3"``; empty with fewer than two rounds."""
+    if len(ratios) < 2:
+        return ""
+    first, _, third = statistics.quantiles(ratios, n=4, method="inclusive")
+    return f"{first:.2f}-{third:.2f}"
+
+
 def print_table(name: str, spec: ModelSpec, results: Dict[str, Result], args) -> None:
     print(f"\n## {name}: {spec.description} (B={args.batch_size}, T={args.seq_len})")
     plain = results["plain"]
     plain_time = statistics.median(plain.times) if plain.times and plain.error is None else None
     plain_mem = plain.memory
-    print(f"| {'method':<14} | {'median ms':>9} | {'x plain':>7} | {'peak MiB':>8} | {'x plain':>7} |")
-    print(f"|{'-' * 16}|{'-' * 11}:|{'-' * 8}:|{'-' * 9}:|{'-' * 8}:|")
+    header = f"| {'method':<14} | {'median ms':>9} | {'x plain':>7} | {'q1-q3':>9} | {'peak MiB':>8} | {'x plain':>7} |"
+    print(header)
+    print(f"|{'-' * 16}|{'-' * 11}:|{'-' * 8}:|{'-' * 10}:|{'-' * 9}:|{'-' * 8}:|")
     for method, result in results.items():
         if result.error is not None or not result.times:
-            print(f"| {method:<14} | {'n/a':>9} | {'':>7} | {'':>8} | {'':>7} |  {result.error}")
+            print(f"| {method:<14} | {'n/a':>9} | {'':>7} | {'':>9} | {'':>8} | {'':>7} |  {result.error}")
             continue
         median = statistics.median(result.times)
+        paired = plain_time and result.ratios and method != "plain"
         ratio = f"{statistics.median(result.ratios):.2f}" if plain_time and result.ratios else ""
+        spread = ratio_spread(result.ratios) if paired else ""
         mem = f"{result.memory / 2**20:.1f}" if result.memory is not None else ""
         mem_ratio = f"{result.memory / plain_mem:.2f}" if result.memory is not None and plain_mem else ""
-        print(f"| {method:<14} | {median * 1e3:>9.1f} | {ratio:>7} | {mem:>8} | {mem_ratio:>7} |")
+        print(f"| {method:<14} | {median * 1e3:>9.1f} | {ratio:>7} | {spread:>9} | {mem:>8} | {mem_ratio:>7} |")
     sys.stdout.flush()
 
 

@@ -28,6 +28,21 @@ def test_step_time_prints_every_method(capsys):
         assert method in rows and "n/a" not in rows[method], out
 
 
+def test_step_time_prints_the_spread_of_the_paired_ratios(capsys):
+    step_time = load("step_time")
+    assert step_time.ratio_spread([1.2]) == ""  # one round: no spread to show
+    assert step_time.ratio_spread([1.0, 1.1, 1.2, 1.3, 1.4]) == "1.10-1.30"
+    step_time.main(
+        ["--models", "cnn", "--microbatch-sizes", "8", "--batch-size", "8", "--repeats", "3", "--methods", "mbclip"]
+    )
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
+    assert rows["method"][4].strip() == "q1-q3", out
+    first, third = (float(q) for q in rows["mbclip_b8"][4].split("-"))
+    assert 0 < first <= third, out
+    assert rows["plain"][4].strip() == "", out  # plain's ratio to itself is 1 by definition
+
+
 def test_step_time_refuses_a_device_it_cannot_use(capsys):
     step_time = load("step_time")
     with pytest.raises(SystemExit):

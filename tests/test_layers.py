@@ -350,61 +350,46 @@ class _UnderSavedTensorHooks(nn.Module):
             return self.inner(x)
 
 
+def _two_layer_norms():
+    """LayerNorm on the raw input, then one on a Linear's output: ``(model, input shape, target shape)``."""
+    return nn.Sequential(nn.LayerNorm(5), nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 2)), (3, 5), (3, 2)
+
+
+def _two_group_norms():
+    """GroupNorm on the raw input, then one on a convolution's output."""
+    model = nn.Sequential(
+        nn.GroupNorm(2, 4), nn.Conv1d(4, 6, 3, padding=1), nn.GroupNorm(3, 6), nn.Flatten(), nn.Linear(30, 2)
+    )
+    return model, (4, 5), (2,)
+
+
 @pytest.mark.parametrize("hooked", [False, True])
 @pytest.mark.parametrize("microbatch_size", [1, 3])
-def test_layer_norm_reads_the_forwards_statistics_where_it_may(hooked, microbatch_size):
-    """LayerNorm's x_hat comes from the mean and 1/std its forward saved when its input requires grad (no second
-    layer_norm), and is recomputed where no such node exists (a LayerNorm on the raw input, parameters off) or
-    where saved tensors are behind hooks; every way gives the reference update."""
+@pytest.mark.parametrize("make_model", [_two_layer_norms, _two_group_norms], ids=["layer_norm", "group_norm"])
+def test_norms_read_the_forwards_statistics_where_they_may(make_model, hooked, microbatch_size):
+    """LayerNorm's x_hat and GroupNorm's affine sums come from the mean and 1/std the forward saved when the layer has
+    an autograd node (no second normalization), and are recomputed where no such node exists (a norm on the raw
+    input, parameters off) or where saved tensors are behind hooks; every way gives the reference update."""
     from mbclip.samplers import norm
 
     torch.manual_seed(3)
-    inner = nn.Sequential(nn.LayerNorm(5), nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 2))
+    inner, input_shape, target_shape = make_model()
     model = _UnderSavedTensorHooks(inner) if hooked else inner
-    losses = sequence_regression(lambda: 2.0 * torch.randn(B, 3, 5) + 1.0, lambda: torch.randn(B, 3, 2))
-    ref = reference_update(model, losses, B, microbatch_size, "fixed", 0.05)
-    read = []
-    saved_statistics = norm._saved_statistics
-
-    def spy(call):
-        statistics = saved_statistics(call)
-        read.append(statistics is not None)
-        return statistics
-
-    with mock.patch.object(norm, "_saved_statistics", spy):
-        update, _ = mbclip_update(model, losses, microbatch_size, "fixed", 0.05)
-    assert_close_update(update, ref.update)
-    # backward reaches the second LayerNorm first. On the checked run both have a node (their parameters require
-    # grad); on the sampler-only run the first, on the raw input with its parameters off, has none
-    assert read == ([False] * 4 if hooked else [True, True, True, False]), read
-
-
-@pytest.mark.parametrize("hooked", [False, True])
-@pytest.mark.parametrize("microbatch_size", [1, 3])
-def test_group_norm_reads_the_forwards_statistics_where_it_may(hooked, microbatch_size):
-    """GroupNorm's affine sums take the mean and 1/std its forward saved where its node exists (no second
-    normalization pass), and compute them where it does not or where saved tensors are behind hooks; every way
-    gives the reference update."""
-    from mbclip.samplers import norm
-
-    torch.manual_seed(4)
-    inner = nn.Sequential(
-        nn.GroupNorm(2, 4), nn.Conv1d(4, 6, 3, padding=1), nn.GroupNorm(3, 6), nn.Flatten(), nn.Linear(30, 2)
+    losses = sequence_regression(
+        lambda: 2.0 * torch.randn(B, *input_shape) + 1.0, lambda: torch.randn(B, *target_shape)
     )
-    model = _UnderSavedTensorHooks(inner) if hooked else inner
-    losses = sequence_regression(lambda: 2.0 * torch.randn(B, 4, 5) + 1.0, lambda: torch.randn(B, 2))
     ref = reference_update(model, losses, B, microbatch_size, "fixed", 0.05)
     read = []
     saved_statistics = norm._saved_statistics
 
-    def spy(call, node_name="NativeLayerNormBackward0"):
-        statistics = saved_statistics(call, node_name)
+    def spy(call, *node_name):
+        statistics = saved_statistics(call, *node_name)
         read.append(statistics is not None)
         return statistics
 
     with mock.patch.object(norm, "_saved_statistics", spy):
         update, _ = mbclip_update(model, losses, microbatch_size, "fixed", 0.05)
     assert_close_update(update, ref.update)
-    # as for LayerNorm: the second GroupNorm first; the first, on the raw input, has no node once its parameters
-    # are off (the sampler-only run)
+    # backward reaches the second norm first. On the checked run both have a node (their parameters require grad);
+    # on the sampler-only run the first, on the raw input with its parameters off, has none
     assert read == ([False] * 4 if hooked else [True, True, True, False]), read

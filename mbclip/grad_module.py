@@ -156,6 +156,30 @@ def _keep_apply(*args):
     return _keep_apply_c(*args)
 
 
+def _targets(node) -> bool:
+    """Whether the running backward delivers a gradient to the leaf whose ``AccumulateGrad`` is ``node``.
+
+    A plain ``backward()`` reaches every leaf of its graph; ``torch.autograd.grad`` and ``backward(inputs=...)``
+    only the tensors they name (torch refuses to say so for a leaf that ``autograd.grad`` names: it is one).
+    """
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:
+        return True
+
+
+class _Anchors(dict):
+    """Per device: the scalar leaf that every keeper node takes (what makes tapped outputs require grad) and its
+    ``AccumulateGrad`` node, held so that every graph uses that one node. A copy of the model (``copy.deepcopy``,
+    pickling) starts empty: autograd nodes cannot be copied, and a copy gets leaves of its own."""
+
+    def __deepcopy__(self, memo) -> _Anchors:
+        return _Anchors()
+
+    def __reduce__(self):
+        return (_Anchors, ())
+
+
 class _StepRecords(list):
     """What the step's calls left behind (layer calls, hook handles), released at the step; a copy of the model
     (``copy.deepcopy``, pickling) starts empty, as the autograd nodes they refer to belong to the original's graph."""
@@ -270,7 +294,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
         # True: autograd computes every p.grad too and the optimizer checks the micro-batch gradients against
         # them; False: samplers alone compute their layers' gradients (set by the optimizer, step by step).
         self.check_gradients = True
-        self._anchors: Dict[torch.device, torch.Tensor] = {}
+        self._anchors: Dict[torch.device, Tuple[torch.Tensor, object]] = _Anchors()
         self._reset_passes()
         # Last: BatchNorm normalises per micro-batch while wrapped; remove_hooks swaps the classes back.
         self._swapped_batchnorms = swap_in_batchnorms(module, self.current_layout)
@@ -641,18 +665,17 @@ class MicroBatchGradSampleModule(GradSampleModule):
             if p not in self.grad_snapshots:
                 self.grad_snapshots[p] = (p.grad, p.grad._version if p.grad is not None else 0)
         sampler = layer.sampler
-        # Outputs that need a gradient (or needed none only because the parameters were off) go through _Keep,
-        # which holds the call's inputs for the sampler with autograd's lifetime. Recorded layers (watched
-        # intermediates, delivered after the layer's backward) and the fallback keep their inputs themselves.
-        # read once and dropped: the hooks hold the watched tensors' graph nodes, not the tensors, so those that
-        # backward does not need are freed after the forward
+        # Watched tensors are read once and dropped: the hooks hold the watched tensors' graph nodes, not the
+        # tensors, so those that backward does not need are freed after the forward.
         watched = _take_watched(leaves[0]) if leaves and sampler is not None and sampler.forward is not None else ()
         kept_by_node = sampler is not None and not watched
-        routed = [
-            i
-            for i, t in enumerate(leaves)
-            if _is_float_tensor(t) and (t.requires_grad or switched) and (kept_by_node or not t.requires_grad)
-        ]
+        # Every output that needs a gradient (or needed none only because the parameters were off) goes through a
+        # keeper node (_Keep) on the anchor. For samplers it holds the call's inputs with autograd's lifetime and
+        # delivers the outputs' gradients; recorded layers (watched intermediates, delivered after the layer's
+        # backward) and the fallback keep their inputs themselves and hook its outputs. A backward that does not
+        # reach the anchor's AccumulateGrad is not a training backward (``torch.autograd.grad``,
+        # ``backward(inputs=...)``) and samples nothing (see _on_output_grads).
+        routed = [i for i, t in enumerate(leaves) if _is_float_tensor(t) and (t.requires_grad or switched)]
         if batch_size == 0 or not (routed or any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves)):
             return None
         batched, batch_dim = batched_dim if batched_dim is not None else self._call_batch_dim(layer, args, kwargs)
@@ -661,11 +684,13 @@ class MicroBatchGradSampleModule(GradSampleModule):
         input_leaves, rebuild_inputs = flatten_call(args, kwargs)
         kept = [i for i, t in enumerate(input_leaves) if isinstance(t, torch.Tensor)] if kept_by_node else []
         hooked_leaves = list(leaves)
+        anchor_node = None  # with no float output routed (a complex one, say), every backward samples the call
         if routed:
             kept_inputs = [input_leaves[i] for i in kept]
             to_route = [leaves[i] for i in routed]
             delivery = _Delivery() if kept_by_node else _NO_DELIVERY
-            outputs = _keep_apply(self._anchor(to_route[0]), delivery, len(kept), *kept_inputs, *to_route)
+            anchor, anchor_node = self._anchor(to_route[0])
+            outputs = _keep_apply(anchor, delivery, len(kept), *kept_inputs, *to_route)
             outputs = (outputs,) if len(to_route) == 1 else outputs
             for i, t in zip(routed, outputs):
                 hooked_leaves[i] = t
@@ -698,7 +723,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
             template = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in input_leaves]
             call.extra["inputs_from"] = (keep_node, template, rebuild_inputs, kept)
         self._open_calls.append(call)  # its references to the node and outputs are dropped at the step
-        on_grads = partial(self._on_output_grads, module, layer, call, params, needs_grad, len(leaves))
+        on_grads = partial(self._on_output_grads, module, layer, call, params, needs_grad, len(leaves), anchor_node)
         if kept_by_node and needs_grad == routed:  # the _Keep node delivers exactly these outputs' gradients
             delivery.callback = on_grads
             self._open_hooks.append(delivery)
@@ -706,11 +731,13 @@ class MicroBatchGradSampleModule(GradSampleModule):
             self._open_hooks.extend(on_output_gradients([hooked_leaves[i] for i in needs_grad], on_grads, watched))
         return replaced
 
-    def _anchor(self, like: torch.Tensor) -> torch.Tensor:
-        """A scalar leaf that requires grad, on ``like``'s device: what makes tapped outputs require grad."""
+    def _anchor(self, like: torch.Tensor) -> Tuple[torch.Tensor, object]:
+        """A scalar leaf that requires grad, on ``like``'s device (what makes tapped outputs require grad), and its
+        ``AccumulateGrad`` node."""
         anchor = self._anchors.get(like.device)
         if anchor is None:
-            anchor = self._anchors[like.device] = torch.zeros((), device=like.device, requires_grad=True)
+            leaf = torch.zeros((), device=like.device, requires_grad=True)
+            anchor = self._anchors[like.device] = (leaf, torch.autograd.graph.get_gradient_edge(leaf).node)
         return anchor
 
     # -- backward: micro-batch sums per parameter and pass -------------------------------------
@@ -723,10 +750,14 @@ class MicroBatchGradSampleModule(GradSampleModule):
         params: List[nn.Parameter],
         needs_grad: List[int],
         num_leaves: int,
+        anchor_node,
         grads: Sequence[Optional[torch.Tensor]],
     ) -> None:
         if not self.hooks_enabled:
             return
+        if anchor_node is not None and not _targets(anchor_node):
+            self._check_not_named(layer, params)
+            return  # torch.autograd.grad or backward(inputs=...): gradients for the tensors named, not for training
         if self._recomputing:
             self.close_recomputation()
         self._pass_tasks.setdefault(call.pass_index, set()).add(torch._C._current_graph_task_id())
@@ -760,6 +791,19 @@ class MicroBatchGradSampleModule(GradSampleModule):
             if microbatch_sums is None:
                 continue
             self._add_sums(param, call.pass_index, as_sums(microbatch_sums))
+
+    def _check_not_named(self, layer: HookedLayer, params: Sequence[nn.Parameter]) -> None:
+        """Refuse a backward that names some of the model's parameters (``backward(inputs=[...])``,
+        ``torch.autograd.grad(loss, params)``): their micro-batch gradients come from plain ``backward()`` only."""
+        named = [p for p in params if _targets(torch.autograd.graph.get_gradient_edge(p).node)]
+        if named:
+            layer_name = layer.name or "the model itself"
+            raise BatchError(
+                "a backward that names tensors to differentiate (backward(inputs=...) or torch.autograd.grad) "
+                f"includes '{self.parameter_name(named[0])}', a parameter of layer '{layer_name}'. mbclip computes "
+                "the parameters' micro-batch gradients in a plain loss.backward() only: call that for the update (a "
+                "backward that names only other tensors, such as the inputs, is fine)."
+            )
 
     @staticmethod
     def _saved_inputs(layer: HookedLayer, node, input_leaves, rebuild_inputs, kept):

@@ -755,12 +755,13 @@ class MicroBatchGradSampleModule(GradSampleModule):
     ) -> None:
         if not self.hooks_enabled:
             return
+        if self._recomputing:
+            self.close_recomputation()
+        # the backward runs this pass's graph: a re-run of its checkpointed regions belongs to this pass
+        self._pass_tasks.setdefault(call.pass_index, set()).add(torch._C._current_graph_task_id())
         if anchor_node is not None and not _targets(anchor_node):
             self._check_not_named(layer, params)
             return  # torch.autograd.grad or backward(inputs=...): gradients for the tensors named, not for training
-        if self._recomputing:
-            self.close_recomputation()
-        self._pass_tasks.setdefault(call.pass_index, set()).add(torch._C._current_graph_task_id())
         self._dropped_passes.discard(call.pass_index)  # a backward after zero_grad() counts, as in plain PyTorch
         # Samplers get the loss's own output gradients; the 1/B of a mean loss is undone once per
         # micro-batch in collect() (on [M, *p.shape]) instead of on every layer's output gradient here.

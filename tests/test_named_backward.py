@@ -11,9 +11,11 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mbclip import MicroBatchClipping
 from mbclip.errors import BatchError
+from mbclip.models import ConformerEncoder
 from reference import assert_close_update, reference_update
 from toy_models import small_model
 
@@ -44,18 +46,63 @@ class Recurrent(nn.Module):
         return self.head(self.lstm(x)[0][:, -1])
 
 
+class Conformer(nn.Module):
+    """mbclip's rel-pos conformer encoder on [B, T, F], then a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = ConformerEncoder(num_features=16, d_model=8, num_heads=2, num_blocks=1, kernel_size=3,
+                                        subsampling_channels=4)  # fmt: skip
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
+        return self.head(self.encoder(x, lengths)[0].mean(dim=1))
+
+
+class Checkpointed(nn.Module):
+    """A non-reentrant activation checkpoint around Linear, LayerNorm and tanh, then a Linear (reentrant ones refuse
+    a backward that names its inputs: torch says so)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh())
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(checkpoint(self.block, x, use_reentrant=False))
+
+
+SEQUENCE_MODELS = {  # model class and one sample's [T, F]
+    "attention": (SelfAttention, (3, 4)),
+    "lstm": (Recurrent, (3, 4)),
+    "conformer": (Conformer, (12, 16)),
+}
+
+
 def _case(name):
-    """``(model, x, y)`` in float64: ``x`` [B, 4] for the MLP (samplers and the autograd fallback), [B, 3, 4]
+    """``(model, x, y)`` in float64: ``x`` [B, 4] for the MLP (samplers and the autograd fallback), [B, T, F]
     for the sequence models."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(1)
     if name == "mlp":
         model, shape = small_model(), (BATCH, 4)
+    elif name == "checkpointed":
+        model, shape = Checkpointed().double(), (BATCH, 4)
     else:
-        model, shape = {"attention": SelfAttention, "lstm": Recurrent}[name]().double(), (BATCH, 3, 4)
+        model_class, sample_shape = SEQUENCE_MODELS[name]
+        model, shape = model_class().double(), (BATCH, *sample_shape)
     x = torch.randn(shape, generator=generator, dtype=torch.float64)
     y = torch.randn(BATCH, 3, generator=generator, dtype=torch.float64)
     return model, x, y
+
+
+def _plain_copy(case, model):
+    """A model without mbclip's hooks and state, with ``model``'s weights, for the reference (a copy of the wrapped
+    model mid-step would carry its recorded passes)."""
+    plain = _case(case)[0]
+    plain.load_state_dict(model.state_dict())
+    return plain
 
 
 def _losses(model, x, y):
@@ -75,7 +122,7 @@ def _input_gradient(model, x, y, named_by):
 @pytest.mark.parametrize("named_by", ["autograd.grad", "backward(inputs=...)"])
 @pytest.mark.parametrize("verify_gradients", ["always", "never"])
 @pytest.mark.parametrize("microbatch_size", [1, 2, BATCH])
-@pytest.mark.parametrize("case", ["mlp", "attention", "lstm"])
+@pytest.mark.parametrize("case", ["mlp", "checkpointed", "attention", "lstm", "conformer"])
 def test_fgsm_step_matches_reference(case, microbatch_size, verify_gradients, named_by):
     """An adversarial step: the input gradient through the wrapped model is the plain model's, and the update from
     the adversarial batch is the reference's (the input gradient's backward adds nothing to it)."""
@@ -100,11 +147,37 @@ def test_fgsm_step_matches_reference(case, microbatch_size, verify_gradients, na
         def adversarial_losses(m, samples, adversarial=adversarial):
             return _losses(m, adversarial[samples], y[samples])
 
-        expected = reference_update(model, adversarial_losses, BATCH, microbatch_size, "fixed", 0.5)
+        expected = reference_update(_plain_copy(case, model), adversarial_losses, BATCH, microbatch_size, "fixed", 0.5)
         _losses(wrapped, adversarial, y).mean().backward()
         assert clipped.pre_step()
         assert_close_update([p.grad for p in model.parameters()], expected.update)
         clipped.original_optimizer.step()
+
+
+@pytest.mark.parametrize("verify_gradients", ["always", "never"])
+@pytest.mark.parametrize("microbatch_size", [1, 2, BATCH])
+@pytest.mark.parametrize("case", ["mlp", "checkpointed", "attention", "lstm", "conformer"])
+def test_input_gradient_then_training_backward_through_one_graph(case, microbatch_size, verify_gradients):
+    """``autograd.grad(loss, x, retain_graph=True)`` then ``loss.backward()`` on the same forward (an input-gradient
+    diagnostic beside training): the update is the reference's for that batch."""
+    model, x, y = _case(case)
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        microbatch_size=microbatch_size,
+        max_grad_norm=0.5,
+        verify_gradients=verify_gradients,
+    )
+    expected = reference_update(
+        model, lambda m, samples: _losses(m, x[samples], y[samples]), BATCH, microbatch_size, "fixed", 0.5
+    )
+    clipped.zero_grad()
+    inputs = x.clone().requires_grad_()
+    loss = _losses(wrapped, inputs, y).mean()
+    torch.autograd.grad(loss, inputs, retain_graph=True)
+    loss.backward()
+    assert clipped.pre_step()
+    assert_close_update([p.grad for p in model.parameters()], expected.update)
 
 
 @pytest.mark.parametrize("case", ["mlp", "attention", "lstm"])

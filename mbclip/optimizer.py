@@ -455,9 +455,11 @@ class MicroBatchOptimizer(DPOptimizer):
     def _unsplit_message(name: str) -> str:
         return (
             f"parameter '{name}' received a gradient that mbclip could not split into micro-batches: it "
-            "is used outside the forward of the layer that owns it (a tied or functional use, or a layer "
-            "called on a tensor without the batch dimension and no enclosing layer with parameters). "
-            "Use the layer through its forward, or register a sampler for the module that uses it."
+            "is used outside the forward of the layer that owns it (a tied or functional use, a layer "
+            "called on a tensor without the batch dimension and no enclosing layer with parameters, or a loss "
+            "built from gradients: a gradient penalty through torch.autograd.grad(..., create_graph=True), which "
+            "mbclip does not split). Use the layer through its forward, or register a sampler for the module that "
+            "uses it."
         )
 
     def _check_tolerance(self, dtype: torch.dtype) -> float:
@@ -470,8 +472,9 @@ class MicroBatchOptimizer(DPOptimizer):
             return message + ": gradients were not cleared since the last step. Call optimizer.zero_grad() first."
         return message + (
             ". A layer mixes samples (e.g. a custom normalisation over the batch, or a loss that is not a sum of "
-            "per-sample terms), or uses "
-            "the parameter outside its forward. Fix the model, or register a sampler for the layer."
+            "per-sample terms), uses the parameter outside its forward, or the loss is built from gradients (a "
+            "gradient penalty through torch.autograd.grad(..., create_graph=True), which mbclip does not split). "
+            "Fix the model, or register a sampler for the layer."
         )
 
 

@@ -214,3 +214,27 @@ def test_backward_naming_a_parameter_is_refused(named_by):
             torch.autograd.grad(loss, [weight])
         else:
             loss.backward(inputs=[weight])
+
+
+@pytest.mark.parametrize("verify_gradients", ["always", "never"])
+def test_gradient_penalty_is_refused_with_its_cause(verify_gradients):
+    """A loss built from an input gradient (``create_graph=True``) reaches the weights through autograd's
+    double backward, which mbclip does not split: refused at the step, on both paths, naming that cause."""
+    model, x, y = _case("mlp")
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        microbatch_size=2,
+        max_grad_norm=0.5,
+        verify_gradients=verify_gradients,
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    clipped.zero_grad()
+    inputs = x.clone().requires_grad_()
+    loss = _losses(wrapped, inputs, y).mean()
+    (gradient,) = torch.autograd.grad(loss, inputs, create_graph=True)
+    (loss + gradient.pow(2).sum()).backward()
+    with pytest.raises(BatchError, match=r"a gradient penalty through torch\.autograd\.grad\(.*create_graph=True\)"):
+        clipped.step()
+    for p, old in zip(model.parameters(), before):
+        assert torch.equal(p, old)

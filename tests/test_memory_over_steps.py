@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbclip import MicroBatchClipping
-from mbclip.models import ConformerEncoder
 from mbclip.samplers import LayerCall
+from toy_models import ConformerClassifier
 
 
 class AttentionClassifier(nn.Module):
@@ -47,20 +47,6 @@ def _wrap(model: nn.Module, verify_gradients: str):
 def _live(kind) -> int:
     gc.collect()
     return sum(isinstance(obj, kind) for obj in gc.get_objects())
-
-
-class ConformerClassifier(nn.Module):
-    """mbclip's conformer (rel-pos attention, recorded) with a classifier on the mean frame."""
-
-    def __init__(self):
-        super().__init__()
-        self.encoder = ConformerEncoder(num_features=8, d_model=8, num_heads=2, num_blocks=1, kernel_size=3,
-                                        subsampling_channels=4)  # fmt: skip
-        self.out = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
-        return self.out(self.encoder(x, lengths)[0].mean(dim=1))
 
 
 @pytest.mark.parametrize("make_model", [AttentionClassifier, ConformerClassifier], ids=["mha", "relpos_conformer"])

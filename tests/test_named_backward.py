@@ -15,9 +15,8 @@ from torch.utils.checkpoint import checkpoint
 
 from mbclip import MicroBatchClipping
 from mbclip.errors import BatchError
-from mbclip.models import ConformerEncoder
 from reference import assert_close_update, reference_update
-from toy_models import small_model
+from toy_models import ConformerClassifier, small_model
 
 BATCH = 4
 
@@ -46,20 +45,6 @@ class Recurrent(nn.Module):
         return self.head(self.lstm(x)[0][:, -1])
 
 
-class Conformer(nn.Module):
-    """mbclip's rel-pos conformer encoder on [B, T, F], then a Linear."""
-
-    def __init__(self):
-        super().__init__()
-        self.encoder = ConformerEncoder(num_features=16, d_model=8, num_heads=2, num_blocks=1, kernel_size=3,
-                                        subsampling_channels=4)  # fmt: skip
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
-        return self.head(self.encoder(x, lengths)[0].mean(dim=1))
-
-
 class Checkpointed(nn.Module):
     """A non-reentrant activation checkpoint around Linear, LayerNorm and tanh, then a Linear (reentrant ones refuse
     a backward that names its inputs: torch says so)."""
@@ -76,7 +61,7 @@ class Checkpointed(nn.Module):
 SEQUENCE_MODELS = {  # model class and one sample's [T, F]
     "attention": (SelfAttention, (3, 4)),
     "lstm": (Recurrent, (3, 4)),
-    "conformer": (Conformer, (12, 16)),
+    "conformer": (ConformerClassifier, (12, 8)),
 }
 
 
@@ -109,6 +94,18 @@ def _losses(model, x, y):
     return ((model(x) - y) ** 2).sum(dim=1)
 
 
+def _wrap(model, microbatch_size=2, verify_gradients="first"):
+    """``(wrapped model, clipping optimizer)``: SGD, C = 0.5."""
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        microbatch_size=microbatch_size,
+        max_grad_norm=0.5,
+        verify_gradients=verify_gradients,
+    )
+    return wrapped, clipped
+
+
 def _input_gradient(model, x, y, named_by):
     """The gradient of the batch-mean loss with respect to ``x``, by a backward that names ``x`` alone."""
     x = x.clone().requires_grad_()
@@ -128,14 +125,7 @@ def test_fgsm_step_matches_reference(case, microbatch_size, verify_gradients, na
     the adversarial batch is the reference's (the input gradient's backward adds nothing to it)."""
     model, x, y = _case(case)
     plain_gradient = _input_gradient(copy.deepcopy(model), x, y, "autograd.grad")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model,
-        optimizer=optimizer,
-        microbatch_size=microbatch_size,
-        max_grad_norm=0.5,
-        verify_gradients=verify_gradients,
-    )
+    wrapped, clipped = _wrap(model, microbatch_size, verify_gradients)
     for _ in range(2):  # the second step: the sampler-only path runs with verify_gradients="never"
         clipped.zero_grad()
         gradient = _input_gradient(wrapped, x, y, named_by)
@@ -161,13 +151,7 @@ def test_input_gradient_then_training_backward_through_one_graph(case, microbatc
     """``autograd.grad(loss, x, retain_graph=True)`` then ``loss.backward()`` on the same forward (an input-gradient
     diagnostic beside training): the update is the reference's for that batch."""
     model, x, y = _case(case)
-    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        microbatch_size=microbatch_size,
-        max_grad_norm=0.5,
-        verify_gradients=verify_gradients,
-    )
+    wrapped, clipped = _wrap(model, microbatch_size, verify_gradients)
     expected = reference_update(
         model, lambda m, samples: _losses(m, x[samples], y[samples]), BATCH, microbatch_size, "fixed", 0.5
     )
@@ -186,9 +170,7 @@ def test_named_backward_alone_gives_a_step_without_samples(case):
     parameters stay as they were."""
     model, x, y = _case(case)
     before = [p.detach().clone() for p in model.parameters()]
-    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), microbatch_size=2, max_grad_norm=0.5
-    )
+    wrapped, clipped = _wrap(model)
     clipped.zero_grad()
     _input_gradient(wrapped, x, y, "backward(inputs=...)")
     assert wrapped.collect(clipped.params) is None
@@ -203,9 +185,7 @@ def test_backward_naming_a_parameter_is_refused(named_by):
     """On the checked step, where the parameters are in the graph, a backward that names one is refused by name
     (mbclip would have no micro-batch gradients for what autograd computed)."""
     model, x, y = _case("mlp")
-    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), microbatch_size=2, max_grad_norm=0.5
-    )
+    wrapped, clipped = _wrap(model)
     clipped.zero_grad()
     loss = _losses(wrapped, x, y).mean()
     weight = model[4].weight
@@ -221,13 +201,7 @@ def test_gradient_penalty_is_refused_with_its_cause(verify_gradients):
     """A loss built from an input gradient (``create_graph=True``) reaches the weights through autograd's
     double backward, which mbclip does not split: refused at the step, on both paths, naming that cause."""
     model, x, y = _case("mlp")
-    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        microbatch_size=2,
-        max_grad_norm=0.5,
-        verify_gradients=verify_gradients,
-    )
+    wrapped, clipped = _wrap(model, verify_gradients=verify_gradients)
     before = [p.detach().clone() for p in model.parameters()]
     clipped.zero_grad()
     inputs = x.clone().requires_grad_()

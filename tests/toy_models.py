@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mbclip.models import ConformerEncoder
+
 
 class Scale(nn.Module):
     """A raw parameter used in ``forward``: exercised through the autograd fallback."""
@@ -71,3 +73,17 @@ class TinyLM(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], dtype=torch.float64)
         return self.head(self.encoder(self.embed(tokens), mask=mask, is_causal=True))
+
+
+class ConformerClassifier(nn.Module):
+    """mbclip's conformer (rel-pos attention, recorded) on [B, T, 8] features, with a classifier on the mean frame."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = ConformerEncoder(num_features=8, d_model=8, num_heads=2, num_blocks=1, kernel_size=3,
+                                        subsampling_channels=4)  # fmt: skip
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
+        return self.out(self.encoder(x, lengths)[0].mean(dim=1))

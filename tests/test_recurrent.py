@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import io
+from unittest import mock
 
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from helpers import on_both_paths
+from helpers import check_update, mbclip_update, on_both_paths
 from mbclip.engine import MicroBatchClipping
 from mbclip.samplers import recurrent
 from mbclip.samplers.recurrent import RECORD_ATTRIBUTE, LoopedRecord
@@ -418,3 +419,112 @@ def test_few_microbatches_run_the_native_kernel_once_each(recurrent_path, hidden
     expected = recurrent_path == "looped" and hidden == HIDDEN  # 64 hidden: 5 x its weights outweigh its gates
     assert isinstance(records[0], LoopedRecord) == expected
     assert optimizer.pre_step()
+
+
+# -- the sampler-only path: the layer is one node whose backward is mbclip's backward through time -----
+
+
+class FedRecurrent(nn.Module):
+    """A recurrent layer whose input and initial states come from trained layers, so that their gradients (which
+    the sampler-only path computes in mbclip's own backward through time, not the native kernel) reach weights."""
+
+    def __init__(self, rnn: nn.RNNBase, packed: bool):
+        super().__init__()
+        directions = 2 if rnn.bidirectional else 1
+        real_hidden = rnn.proj_size if getattr(rnn, "proj_size", 0) else rnn.hidden_size
+        self.states = rnn.num_layers * directions
+        self.front = nn.Linear(FEATURES, FEATURES)
+        self.initial_h = nn.Linear(FEATURES, self.states * real_hidden)
+        self.initial_c = nn.Linear(FEATURES, self.states * rnn.hidden_size) if isinstance(rnn, nn.LSTM) else None
+        self.rnn = rnn
+        self.packed = packed
+
+    def _state(self, layer: nn.Linear, summary: torch.Tensor) -> torch.Tensor:
+        return layer(summary).tanh().view(summary.shape[0], self.states, -1).transpose(0, 1).contiguous()
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        summary = x.mean(dim=1)
+        h0 = self._state(self.initial_h, summary)
+        state = (h0, self._state(self.initial_c, summary)) if self.initial_c is not None else h0
+        inputs = torch.tanh(self.front(x))
+        if self.packed:
+            inputs = pack_padded_sequence(inputs, lengths, batch_first=True, enforce_sorted=False)
+        output, hidden = self.rnn(inputs, state)
+        if self.packed:
+            output, _ = pad_packed_sequence(output, batch_first=True, total_length=T)
+        h_n = hidden[0] if isinstance(hidden, tuple) else hidden
+        per_sample = output.sin().pow(2).sum(dim=(1, 2)) + h_n.sin().sum(dim=(0, 2))
+        if isinstance(hidden, tuple):
+            per_sample = per_sample + hidden[1].pow(2).sum(dim=(0, 2))
+        return per_sample
+
+
+def _count_node_backwards(counts):
+    """Wrap :func:`recurrent.backward_through_layers`, counting its calls by the sampler and by the node itself."""
+    original = recurrent.backward_through_layers
+
+    def counted(module, record, grad_out, grad_hn, grad_cn, layout):
+        counts["sampler" if layout is not None else "node"] += 1
+        return original(module, record, grad_out, grad_hn, grad_cn, layout)
+
+    return mock.patch.object(recurrent, "backward_through_layers", counted)
+
+
+@pytest.mark.parametrize("kind", sorted(RNN_FACTORIES))
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("microbatch_size", [1, 2])
+def test_input_and_state_gradients_on_the_sampler_only_path(
+    recurrent_path, kind, packed, bidirectional, microbatch_size
+):
+    """The layers before a recurrent layer (its input, h0 and c0) get exact gradients on the sampler-only path,
+    where the layer's backward is mbclip's backward through time: the sampler's, handed on without a second one."""
+    torch.manual_seed(0)
+    rnn = RNN_FACTORIES[kind](num_layers=2, bidirectional=bidirectional, batch_first=True)
+    model = FedRecurrent(rnn, packed).double()
+    x, _, _ = make_data(rnn, "unsorted" if packed else "")
+    lengths = torch.tensor(LENGTHS)
+    counts = {"sampler": 0, "node": 0}
+    with (
+        _count_node_backwards(counts),
+        mock.patch.object(recurrent._SampledRecurrence, "apply", wraps=recurrent._SampledRecurrence.apply) as applied,
+    ):
+        check_update(model, lambda m: m(x, lengths), B, microbatch_size)
+    assert counts["node"] == 0  # the node took the sampler's input gradients
+    if recurrent_path == "recorded":
+        assert applied.called  # by the sampler-only run (the checked one differentiates the native kernels)
+
+
+@pytest.mark.parametrize("kind", sorted(RNN_FACTORIES))
+def test_sampler_only_path_with_dropout_and_projection_matches_the_checked_path(recurrent_path, kind):
+    """Dropout between layers (the masks drawn in the node's forward) and an LSTM projection: the sampler-only
+    path's update equals the checked path's, whose input gradients come from the native kernels."""
+    torch.manual_seed(0)
+    projection = {"proj_size": 2} if kind == "lstm" else {}
+    rnn = RNN_FACTORIES[kind](num_layers=3, dropout=0.4, bidirectional=True, batch_first=True, **projection)
+    model = FedRecurrent(rnn, packed=True).double()
+    x, _, _ = make_data(rnn, "unsorted")
+    lengths = torch.tensor(LENGTHS)
+    mbclip_update(model, lambda m, samples: m(x, lengths)[samples], 2, max_grad_norm=0.5)
+
+
+def test_input_gradient_without_the_sampler_is_the_native_one(recurrent_path):
+    """A backward that does not sample (``torch.autograd.grad`` on the input) gets the node's own backward through
+    time: the native kernel's input and state gradients."""
+    torch.manual_seed(0)
+    model = FedRecurrent(nn.LSTM(FEATURES, HIDDEN, num_layers=2, bidirectional=True, batch_first=True), True)
+    model = model.double()
+    x, _, _ = make_data(model.rnn, "unsorted")
+    x.requires_grad_()
+    lengths = torch.tensor(LENGTHS)
+    expected = torch.autograd.grad(model(x, lengths).sum(), x)[0]
+    wrapped, optimizer, _ = MicroBatchClipping().make_clipped(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), microbatch_size=1, max_grad_norm=0.5
+    )
+    wrapped(x, lengths).mean().backward()
+    optimizer.step()  # the checked first step (lr 0: the weights stay those of ``expected``)
+    counts = {"sampler": 0, "node": 0}
+    with _count_node_backwards(counts):
+        actual = torch.autograd.grad(wrapped(x, lengths).sum(), x)[0]
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-14)
+    assert counts["sampler"] == 0 and (counts["node"] == 1 or recurrent_path == "looped")

@@ -6,6 +6,9 @@ masks actually used are known. In backward the sampler recomputes all gate pre-a
 two batched matmuls, runs one backward-through-time with one matmul per step to get the gate gradients
 ``dG_t`` of every sample and step, and contracts them with the inputs and previous hidden states once per
 weight over each micro-batch: memory ``M x params``, never ``B x params``, and no per-step weight gradients.
+On the sampler-only path (weights switched off) the layer is one autograd node, :class:`_SampledRecurrence`, whose
+backward takes the input and initial-state gradients from that same backward through time: the native kernel's
+backward does not run as well.
 
 Packed sequences are unpacked to padded, time-major, *batch-order* tensors with a validity mask, so
 per-sample rows follow the user's batch order whatever ``enforce_sorted`` was.
@@ -22,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import _VF, nn
+from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from mbclip.errors import BatchError
@@ -51,6 +55,10 @@ class RecurrentRecord:
     batch_sizes: Optional[torch.Tensor]
     sorted_indices: Optional[torch.Tensor]
     unsorted_indices: Optional[torch.Tensor]
+    # on the sampler-only path (a _SampledRecurrence node): which of (input, h0, c0) need a gradient, and the
+    # sampler's (graph task, (d input, d h0, d c0)) for the node's backward
+    input_grads_needed: Optional[Tuple[bool, ...]] = None
+    input_grads: Optional[Tuple[int, Tuple[Optional[torch.Tensor], ...]]] = None
 
     @property
     def packed(self) -> bool:
@@ -62,6 +70,16 @@ class RecurrentRecord:
             return data
         sequence = PackedSequence(data, self.batch_sizes, self.sorted_indices, self.unsorted_indices)
         return pad_packed_sequence(sequence)[0]
+
+    def repacked(self, padded: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`padded`: packed data from ``[T, B, *]`` in batch order."""
+        if not self.packed:
+            return padded
+        if self.sorted_indices is not None:
+            padded = padded.index_select(1, self.sorted_indices.to(padded.device))
+        batch_sizes = self.batch_sizes.to(padded.device)
+        inside = torch.arange(padded.shape[1], device=padded.device).unsqueeze(0) < batch_sizes.unsqueeze(1)
+        return padded[inside]  # row-major over [T, B]: step by step, the sorted sequences still running
 
     def valid_steps(self, device) -> Optional[torch.Tensor]:
         """``[T, B, 1]`` bool: step ``t`` lies inside sequence ``b`` (batch order); ``None`` when all do."""
@@ -75,28 +93,34 @@ class RecurrentRecord:
         return valid.unsqueeze(-1)
 
 
-def _initial_states(module: nn.RNNBase, hx, batch: int, like: torch.Tensor, sorted_indices):
-    """``(h0, c0)`` in batch order and ``hx`` in the kernel's (sorted) order, as ``nn.LSTM.forward`` builds them."""
+def _initial_states(module: nn.RNNBase, hx, batch: int, like: torch.Tensor):
+    """``(h0, c0)`` in batch order, as ``nn.LSTM.forward`` builds them (zeros without ``hx``; ``c0`` is ``None``
+    for GRU and RNN)."""
     directions = 2 if module.bidirectional else 1
     real_hidden = module.proj_size if getattr(module, "proj_size", 0) > 0 else module.hidden_size
     is_lstm = module.mode == "LSTM"
     if hx is None:
         h0 = like.new_zeros((module.num_layers * directions, batch, real_hidden))
         c0 = like.new_zeros((module.num_layers * directions, batch, module.hidden_size)) if is_lstm else None
-    else:
-        h0, c0 = hx if is_lstm else (hx, None)
-    if sorted_indices is None:
-        return h0, c0, ((h0, c0) if is_lstm else h0)
-    sorted_h = h0.index_select(1, sorted_indices)
-    sorted_c = c0.index_select(1, sorted_indices) if is_lstm else None
-    return h0, c0, ((sorted_h, sorted_c) if is_lstm else sorted_h)
+        return h0, c0
+    return hx if is_lstm else (hx, None)
+
+
+def _kernel_states(module: nn.RNNBase, h0: torch.Tensor, c0: Optional[torch.Tensor], sorted_indices):
+    """``hx`` as the native kernel takes it: in the packed batch's sorted order, a pair for the LSTM."""
+    if sorted_indices is not None:
+        h0 = h0.index_select(1, sorted_indices)
+        c0 = c0.index_select(1, sorted_indices) if c0 is not None else None
+    return (h0, c0) if module.mode == "LSTM" else h0
 
 
 def recording_forward(module: nn.RNNBase, input, hx=None):
     """The layer's forward with its own kernels, one layer at a time, recording what the sampler needs.
 
     Outside training (or without grad, on an unbatched input, or in a batch whose gradient autograd computes whole)
-    it is the class's own forward.
+    it is the class's own forward. When none of the layer's weights requires grad (mbclip's sampler-only path), the
+    layers run as one :class:`_SampledRecurrence` node, whose backward is the sampler's own backward through time:
+    one pass, not the native kernel's and the sampler's.
     """
     packed = isinstance(input, PackedSequence)
     records = module.training and torch.is_grad_enabled() and (packed or input.dim() == 3)
@@ -114,8 +138,31 @@ def recording_forward(module: nn.RNNBase, input, hx=None):
         layer_input = input.transpose(0, 1) if module.batch_first else input
         batch = layer_input.shape[1]
     is_lstm = module.mode == "LSTM"
-    h0, c0, kernel_hx = _initial_states(module, hx, batch, layer_input, sorted_indices)
-    module.check_forward_args(data if packed else input, kernel_hx, batch_sizes)
+    h0, c0 = _initial_states(module, hx, batch, layer_input)
+    module.check_forward_args(data if packed else input, _kernel_states(module, h0, c0, sorted_indices), batch_sizes)
+    packing = (batch_sizes, sorted_indices, unsorted_indices)
+    if any(weight.requires_grad for weight in module._flat_weights):  # autograd differentiates the native kernels
+        output, h_n, c_n, record = _run_layers(module, layer_input, h0, c0, packing)
+    else:
+        holder: List[RecurrentRecord] = []
+        results = _SampledRecurrence.apply(module, holder, packing, layer_input, h0, c0)
+        output, h_n, c_n = results if is_lstm else (*results, None)
+        record = holder[0]
+    if packed:
+        result_output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+        setattr(output, RECORD_ATTRIBUTE, record)
+    else:
+        result_output = output.transpose(0, 1) if module.batch_first else output
+        setattr(result_output, RECORD_ATTRIBUTE, record)
+    return result_output, ((h_n, c_n) if is_lstm else h_n)
+
+
+def _run_layers(module: nn.RNNBase, layer_input: torch.Tensor, h0, c0, packing):
+    """The native kernel layer by layer, dropout between layers drawn here: ``(output, h_n, c_n, record)``, the
+    output time-major (or packed data) and the final states in batch order."""
+    batch_sizes, sorted_indices, unsorted_indices = packing
+    kernel_hx = _kernel_states(module, h0, c0, sorted_indices)
+    is_lstm = module.mode == "LSTM"
     kernel = NATIVE_KERNELS[module.mode]
     directions = 2 if module.bidirectional else 1
     weights = module._flat_weights
@@ -125,7 +172,7 @@ def recording_forward(module: nn.RNNBase, input, hx=None):
         rows = slice(layer * directions, (layer + 1) * directions)
         layer_hx = [kernel_hx[0][rows], kernel_hx[1][rows]] if is_lstm else kernel_hx[rows]
         layer_weights = weights[layer * per_layer : (layer + 1) * per_layer]
-        if packed:
+        if batch_sizes is not None:
             result = kernel(
                 layer_input, batch_sizes, layer_hx, layer_weights, module.bias, 1, 0.0, True, module.bidirectional
             )
@@ -162,13 +209,38 @@ def recording_forward(module: nn.RNNBase, input, hx=None):
         sorted_indices,
         unsorted_indices,
     )
-    if packed:
-        result_output = PackedSequence(layer_input, batch_sizes, sorted_indices, unsorted_indices)
-        setattr(layer_input, RECORD_ATTRIBUTE, record)
-    else:
-        result_output = layer_input.transpose(0, 1) if module.batch_first else layer_input
-        setattr(result_output, RECORD_ATTRIBUTE, record)
-    return result_output, ((h_n, c_n) if is_lstm else h_n)
+    return layer_input, h_n, c_n, record
+
+
+class _SampledRecurrence(torch.autograd.Function):
+    """The recurrent layer as one node whose backward is the sampler's backward through time (weights switched off).
+
+    The sampler runs first (the layer's keeper node delivers the outputs' gradients before this node's backward)
+    and leaves the input and initial-state gradients it computed along the way on the record, tagged with the
+    backward's graph task; a backward that did not run the sampler (``torch.autograd.grad`` on the inputs, say)
+    computes them here the same way.
+    """
+
+    @staticmethod
+    def forward(ctx, module, holder, packing, layer_input, h0, c0):
+        output, h_n, c_n, record = _run_layers(module, layer_input, h0, c0, packing)
+        record.input_grads_needed = ctx.needs_input_grad[3:]
+        holder.append(record)
+        ctx.module = module
+        ctx.record = record
+        ctx.set_materialize_grads(False)
+        return (output, h_n, c_n) if c_n is not None else (output, h_n)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output, grad_hn, grad_cn=None):
+        record = ctx.record
+        stash, record.input_grads = record.input_grads, None
+        if stash is not None and stash[0] == torch._C._current_graph_task_id():
+            input_grads = stash[1]
+        else:
+            _, input_grads = backward_through_layers(ctx.module, record, grad_output, grad_hn, grad_cn, None)
+        return (None, None, None) + input_grads
 
 
 # -- few micro-batches: the native kernel once per micro-batch -------------------------------------
@@ -224,8 +296,8 @@ def _looped_forward(module: nn.RNNBase, input: torch.Tensor, hx, layout: MicroBa
     """The class's forward, once per micro-batch's slice of the batch, each call on its own tapped weights."""
     is_lstm = module.mode == "LSTM"
     batch_dim = 0 if module.batch_first else 1
-    h0, c0, kernel_hx = _initial_states(module, hx, layout.batch_size, input, None)
-    module.check_forward_args(input, kernel_hx, None)
+    h0, c0 = _initial_states(module, hx, layout.batch_size, input)
+    module.check_forward_args(input, _kernel_states(module, h0, c0, None), None)
     kernel = NATIVE_KERNELS[module.mode]
     anchor = input.new_zeros((), requires_grad=True)  # makes the taps require grad when the weights are off
     outputs, last_h, last_c, taps = [], [], [], []
@@ -274,6 +346,8 @@ class DirectionGradients:
     gates_hidden: torch.Tensor  # dG of the hidden projection, [T, B, G]
     hidden_prev: torch.Tensor  # h_{t-1} the hidden projection saw, [T, B, H_out]
     projection: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # LSTM proj_size: (dh_t, o_t * tanh(c_t))
+    grad_h0: Optional[torch.Tensor] = None  # d h0 and (LSTM) d c0, [B, *]: what backward through time leaves
+    grad_c0: Optional[torch.Tensor] = None
 
 
 def _previous_hidden(output: torch.Tensor, h0: torch.Tensor, reverse: bool, valid: torch.Tensor) -> torch.Tensor:
@@ -321,7 +395,7 @@ def _direction_backward(
             dh = dh_state + grad_output[t]
             dgates[t] = dh * slope[t]
             dh_state = dgates[t] @ w_hh if passing is None else torch.addmm(passing[t] * dh, dgates[t], w_hh)
-        return DirectionGradients(dgates, dgates, h_prev)
+        return DirectionGradients(dgates, dgates, h_prev, grad_h0=dh_state)
     if mode == "GRU":
         gx = _projection(x, weights["weight_ih"], weights["bias_ih"])
         gh = _projection(h_prev, w_hh, weights["bias_hh"])
@@ -342,7 +416,7 @@ def _direction_backward(
             dh_total[t] = dh
             dgates[t] = dh.repeat(1, 3) * coef_hidden[t]
             dh_state = torch.addmm(dh * keep[t], dgates[t], w_hh)
-        return DirectionGradients(dh_total.repeat(1, 1, 3) * coef_input, dgates, h_prev)
+        return DirectionGradients(dh_total.repeat(1, 1, 3) * coef_input, dgates, h_prev, grad_h0=dh_state)
     # LSTM: the gate pre-activations in two accumulated matmuls (one bias, no [T, B, 4H] temporaries); c_t is not
     # an output, so recompute it (elementwise, one step at a time)
     bias = None if weights["bias_ih"] is None else weights["bias_ih"] + weights["bias_hh"]
@@ -394,7 +468,7 @@ def _direction_backward(
     projection = None
     if w_hr is not None:
         projection = (dh_total * mask, o * tanh_c)
-    return DirectionGradients(dgates, dgates, h_prev, projection)
+    return DirectionGradients(dgates, dgates, h_prev, projection, grad_h0=dh_state, grad_c0=dc_state)
 
 
 def _projection(inputs: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -451,29 +525,49 @@ def recurrent_sampler(
             f"{type(module).__name__} was called on an unbatched input (no batch dimension). Under mbclip give it a "
             "batch: [B, T, features] with batch_first=True, [T, B, features] otherwise, or a PackedSequence."
         )
-    layout = call.layout
-    grad_out, grad_hn, grad_cn = _split_grad_outputs(module, grad_outputs)
-    first_output = record.padded(record.layer_outputs[-1])
-    batch = first_output.shape[1]
-    if batch != layout.batch_size:
+    batch = record.h0.shape[1]
+    if batch != call.layout.batch_size:
         raise BatchError(
-            f"{type(module).__name__} saw {batch} sequences but the model's batch has {layout.batch_size}: mbclip "
-            "needs the recurrent layer to run on the model's batch, one sequence per sample."
+            f"{type(module).__name__} saw {batch} sequences but the model's batch has {call.layout.batch_size}: "
+            "mbclip needs the recurrent layer to run on the model's batch, one sequence per sample."
         )
+    grad_out, grad_hn, grad_cn = _split_grad_outputs(module, grad_outputs)
+    if grad_out is not None and module.batch_first and not record.packed:
+        grad_out = grad_out.transpose(0, 1)
+    sums, input_grads = backward_through_layers(module, record, grad_out, grad_hn, grad_cn, call.layout)
+    if record.input_grads_needed is not None:  # for the _SampledRecurrence node's backward, next in this pass
+        record.input_grads = (torch._C._current_graph_task_id(), input_grads)
+    return sums
+
+
+def backward_through_layers(
+    module: nn.RNNBase,
+    record: RecurrentRecord,
+    grad_out: Optional[torch.Tensor],
+    grad_hn: Optional[torch.Tensor],
+    grad_cn: Optional[torch.Tensor],
+    layout: Optional[MicroBatchLayout],
+):
+    """Backward through time over every layer, last to first, from the outputs' gradients (``grad_out`` time-major
+    or packed data, the final states' in batch order).
+
+    Returns the micro-batch sums of the weights that require grad (none without a ``layout``) and, on the
+    sampler-only path, the gradients of the input (time-major or packed data), ``h0`` and ``c0`` that the
+    :class:`_SampledRecurrence` node owes (``None`` where not needed)."""
+    first_output = record.padded(record.layer_outputs[-1])
     directions = 2 if module.bidirectional else 1
     dtype, device = first_output.dtype, first_output.device
-    if grad_out is None:
-        grad_out = torch.zeros_like(first_output)
-    elif record.packed:
-        grad_out = record.padded(grad_out)
-    elif module.batch_first:
-        grad_out = grad_out.transpose(0, 1)
+    grad_out = torch.zeros_like(first_output) if grad_out is None else record.padded(grad_out)
     if grad_hn is None:
         grad_hn = torch.zeros_like(record.h0)
     if module.mode == "LSTM" and grad_cn is None:
         grad_cn = torch.zeros_like(record.c0)
+    needed = record.input_grads_needed or (False, False, False)
     valid = record.valid_steps(device)
     result: Dict[nn.Parameter, torch.Tensor] = {}
+    grad_h0: List[Optional[torch.Tensor]] = [None] * (module.num_layers * directions)
+    grad_c0: List[Optional[torch.Tensor]] = list(grad_h0)
+    grad_input = None
     grad_layer_output = grad_out.to(dtype)
     for layer in reversed(range(module.num_layers)):
         x = record.padded(record.layer_inputs[layer])
@@ -502,28 +596,50 @@ def recurrent_sampler(
                 valid,
                 reverse=bool(direction),
             )
-            params = {name: getattr(module, name + suffix, None) for name in weights}
-            # each tensor grouped once: an LSTM's (and RNN's) two weights share their gate gradients, so their
-            # factored sums share one tensor (and the step its Gram matrices, see microbatch_sums.GramCache)
-            grouped: Dict[int, torch.Tensor] = {}
-            if params["weight_ih"].requires_grad:
-                rows = [_grouped_once(t, layout, grouped) for t in (grads.gates_input, x)]
-                result[params["weight_ih"]] = outer_product_sums(*rows)
-            if params["weight_hh"].requires_grad:
-                rows = [_grouped_once(t, layout, grouped) for t in (grads.gates_hidden, grads.hidden_prev)]
-                result[params["weight_hh"]] = outer_product_sums(*rows)
-            input_bias_sums = None
-            if params["bias_ih"] is not None and params["bias_ih"].requires_grad:
-                result[params["bias_ih"]] = input_bias_sums = _bias_sums(grads.gates_input, layout)
-            if params["bias_hh"] is not None and params["bias_hh"].requires_grad:
-                same = input_bias_sums is not None and grads.gates_hidden is grads.gates_input  # LSTM and RNN
-                result[params["bias_hh"]] = input_bias_sums.clone() if same else _bias_sums(grads.gates_hidden, layout)
-            if grads.projection is not None and params["weight_hr"].requires_grad:
-                result[params["weight_hr"]] = _outer_sums(*grads.projection, layout)
-            if layer > 0:
+            grad_h0[state], grad_c0[state] = grads.grad_h0, grads.grad_c0
+            if layout is not None:
+                _add_layer_sums(module, suffix, grads, x, layout, result)
+            if layer > 0 or needed[0]:
                 part = grads.gates_input @ weights["weight_ih"]
                 grad_input = part if grad_input is None else grad_input + part
         if layer > 0:
             scale = record.dropout_scales[layer - 1]
             grad_layer_output = grad_input if scale is None else grad_input * record.padded(scale)
-    return result
+    input_grads = (
+        record.repacked(grad_input) if needed[0] else None,
+        torch.stack(grad_h0) if needed[1] else None,
+        torch.stack(grad_c0) if needed[2] else None,
+    )
+    return result, input_grads
+
+
+def _add_layer_sums(
+    module: nn.RNNBase,
+    suffix: str,
+    grads: DirectionGradients,
+    x: torch.Tensor,
+    layout: MicroBatchLayout,
+    result: Dict[nn.Parameter, torch.Tensor],
+) -> None:
+    """The micro-batch sums of one direction of one layer's weights that require grad, into ``result``."""
+    params = {
+        name: getattr(module, name + suffix, None)
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+    }
+    # each tensor grouped once: an LSTM's (and RNN's) two weights share their gate gradients, so their
+    # factored sums share one tensor (and the step its Gram matrices, see microbatch_sums.GramCache)
+    grouped: Dict[int, torch.Tensor] = {}
+    if params["weight_ih"].requires_grad:
+        rows = [_grouped_once(t, layout, grouped) for t in (grads.gates_input, x)]
+        result[params["weight_ih"]] = outer_product_sums(*rows)
+    if params["weight_hh"].requires_grad:
+        rows = [_grouped_once(t, layout, grouped) for t in (grads.gates_hidden, grads.hidden_prev)]
+        result[params["weight_hh"]] = outer_product_sums(*rows)
+    input_bias_sums = None
+    if params["bias_ih"] is not None and params["bias_ih"].requires_grad:
+        result[params["bias_ih"]] = input_bias_sums = _bias_sums(grads.gates_input, layout)
+    if params["bias_hh"] is not None and params["bias_hh"].requires_grad:
+        same = input_bias_sums is not None and grads.gates_hidden is grads.gates_input  # LSTM and RNN
+        result[params["bias_hh"]] = input_bias_sums.clone() if same else _bias_sums(grads.gates_hidden, layout)
+    if grads.projection is not None and params["weight_hr"].requires_grad:
+        result[params["weight_hr"]] = _outer_sums(*grads.projection, layout)

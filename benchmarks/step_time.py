@@ -171,19 +171,23 @@ def subsampled_frame_losses(model: nn.Module, inputs: torch.Tensor, targets: tor
 
 
 class LSTMEncoder(nn.Module):
-    def __init__(self, lstm_cls=nn.LSTM, features=80, hidden=256, layers=2, classes=32):
+    """``nn.LSTM`` on the features (``front_end``: after a trained Linear + ReLU, as in an encoder whose LSTM input
+    needs a gradient) and a Linear classifier per frame."""
+
+    def __init__(self, lstm_cls=nn.LSTM, features=80, hidden=256, layers=2, classes=32, front_end=False):
         super().__init__()
+        self.front_end = nn.Sequential(nn.Linear(features, features), nn.ReLU()) if front_end else nn.Identity()
         self.lstm = lstm_cls(features, hidden, num_layers=layers, batch_first=True)
         self.classifier = nn.Linear(hidden, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.lstm(x)[0])
+        return self.classifier(self.lstm(self.front_end(x))[0])
 
 
-def _dp_lstm_encoder() -> nn.Module:
+def _dp_lstm_encoder(front_end: bool = False) -> nn.Module:
     from opacus.layers import DPLSTM
 
-    return LSTMEncoder(lstm_cls=DPLSTM)
+    return LSTMEncoder(lstm_cls=DPLSTM, front_end=front_end)
 
 
 VOCAB = 1000
@@ -266,6 +270,13 @@ MODELS: Dict[str, ModelSpec] = {
         "conformer-like encoder with nn.MultiheadAttention, d=144, 4 heads, 2 blocks, depthwise conv k=15",
     ),
     "lstm": ModelSpec(LSTMEncoder, _dp_lstm_encoder, speech_batch, frame_losses, "nn.LSTM 2x256 + Linear"),
+    "lstm_front": ModelSpec(
+        lambda: LSTMEncoder(front_end=True),
+        lambda: _dp_lstm_encoder(front_end=True),
+        speech_batch,
+        frame_losses,
+        "Linear 80x80 + ReLU front end, nn.LSTM 2x256 + Linear",
+    ),
     "transformer": ModelSpec(
         TransformerLM,
         lambda: TransformerLM(layer_factory=OpacusEncoderLayer),

@@ -6,6 +6,7 @@ from mbclip.errors import (
     ConfigurationError,
     MbclipError,
     NonFiniteGradientWarning,
+    NoTrainingBackwardWarning,
     PrivacyError,
     UnsupportedModuleError,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "MicroBatchLayout",
     "MicroBatchOptimizer",
     "NonFiniteGradientWarning",
+    "NoTrainingBackwardWarning",
     "PrivacyError",
     "StepDiagnostics",
     "UnsupportedModuleError",

@@ -25,3 +25,7 @@ class PrivacyError(MbclipError, RuntimeError):
 
 class NonFiniteGradientWarning(RuntimeWarning):
     """Every micro-batch gradient of a step was NaN or Inf, so the step was skipped."""
+
+
+class NoTrainingBackwardWarning(UserWarning):
+    """A step found forward passes with samples but no plain ``loss.backward()`` through any of them: no update."""

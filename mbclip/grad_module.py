@@ -396,6 +396,15 @@ class MicroBatchGradSampleModule(GradSampleModule):
         """Forward passes recorded since the last step (each one batch), less those zero_grad() discarded."""
         return len(self._pass_batch_sizes) - len(self._dropped_passes)
 
+    def num_samples_without_backward(self) -> int:
+        """Samples of the passes since the last step that no training backward reached (none dropped by zero_grad)."""
+        passes = range(len(self._pass_batch_sizes))
+        return sum(
+            self._pass_batch_sizes[k]
+            for k in passes
+            if k not in self._dropped_passes and not any(k in per_pass for per_pass in self._sums.values())
+        )
+
     def zero_grad_passes(self) -> None:
         """``optimizer.zero_grad()``: forget the micro-batch gradients of every backward so far.
 

@@ -19,7 +19,7 @@ from opacus.optimizers.optimizer import _generate_noise
 from torch.optim import Optimizer
 
 from mbclip import clipping as rules
-from mbclip.errors import BatchError, ConfigurationError, NonFiniteGradientWarning
+from mbclip.errors import BatchError, ConfigurationError, NonFiniteGradientWarning, NoTrainingBackwardWarning
 from mbclip.grad_module import MicroBatchGradients, MicroBatchGradSampleModule
 from mbclip.microbatch_sums import GramCache, norms_of, weighted_sums_of
 
@@ -168,6 +168,17 @@ class MicroBatchOptimizer(DPOptimizer):
         """
         num_passes = self.grad_module.num_passes
         self.last_step = _empty_diagnostics()
+        unsampled = self.grad_module.num_samples_without_backward()
+        if unsampled:
+            warnings.warn(
+                f"step(): {unsampled} samples went through the model since the last step, but no plain "
+                "loss.backward() reached a trained layer from them, so there are no micro-batch gradients and "
+                "nothing was updated. A backward that names what it differentiates (loss.backward(inputs=...), "
+                "torch.autograd.grad) does not feed mbclip's update, even when it names the parameters: call "
+                "loss.backward() before step().",
+                NoTrainingBackwardWarning,
+                stacklevel=4,
+            )
         if not (num_passes and self.noise_multiplier > 0 and self.expected_batch_size is not None):
             return False
         if self._check_skip_next_step():

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mbclip import MicroBatchClipping
-from mbclip.errors import BatchError
+from mbclip.errors import BatchError, NoTrainingBackwardWarning
 from reference import assert_close_update, reference_update
 from toy_models import ConformerClassifier, small_model
 
@@ -174,8 +174,33 @@ def test_named_backward_alone_gives_a_step_without_samples(case):
     clipped.zero_grad()
     _input_gradient(wrapped, x, y, "backward(inputs=...)")
     assert wrapped.collect(clipped.params) is None
-    clipped.step()
+    with pytest.warns(NoTrainingBackwardWarning, match=r"4 samples went through.*nothing was updated.*backward\(\)"):
+        clipped.step()
     assert clipped.last_step.num_microbatches == 0
+    for p, old in zip(model.parameters(), before):
+        assert torch.equal(p, old)
+
+
+@pytest.mark.parametrize("named_by", ["autograd.grad", "backward(inputs=...)"])
+def test_backward_naming_the_parameters_after_the_checked_step_warns_at_the_step(named_by):
+    """After the checked first step the sampled parameters are not in autograd's graph, so a backward that names
+    them computes nothing that mbclip (or torch) can see; the step says so instead of silently doing nothing (a
+    layer on the autograd fallback keeps its parameters in the graph and refuses such a backward by name)."""
+    model, x, y = _case("lstm")
+    wrapped, clipped = _wrap(model)
+    clipped.zero_grad()
+    _losses(wrapped, x, y).mean().backward()
+    clipped.step()  # the checked first step
+    before = [p.detach().clone() for p in model.parameters()]
+    clipped.zero_grad()
+    loss = _losses(wrapped, x, y).mean()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if named_by == "autograd.grad":
+        torch.autograd.grad(loss, params, allow_unused=True)
+    else:
+        loss.backward(inputs=params)
+    with pytest.warns(NoTrainingBackwardWarning, match="even when it names the parameters"):
+        clipped.step()
     for p, old in zip(model.parameters(), before):
         assert torch.equal(p, old)
 

@@ -528,3 +528,38 @@ def test_input_gradient_without_the_sampler_is_the_native_one(recurrent_path):
         actual = torch.autograd.grad(wrapped(x, lengths).sum(), x)[0]
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-14)
     assert counts["sampler"] == 0 and (counts["node"] == 1 or recurrent_path == "looped")
+
+
+# Relative over all parameters, as for the other layers (tests/test_reliability.py).
+AUTOCAST_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+@pytest.mark.parametrize("dtype", list(AUTOCAST_TOLERANCE))
+@pytest.mark.parametrize("verify_gradients", ["always", "never"])
+def test_autocast_runs_backward_through_time_in_float32(recurrent_path, dtype, verify_gradients):
+    """Under CPU autocast the native kernels run in low precision; the sampler's backward through time (and the
+    input gradients it hands on) run in float32, and the update stays close to the float32 one."""
+
+    def update(autocast_dtype):
+        torch.manual_seed(0)
+        model = FedRecurrent(nn.LSTM(FEATURES, HIDDEN, num_layers=2, batch_first=True), packed=False).float()
+        x, _, _ = make_data(model.rnn, "")
+        x = x.float()
+        wrapped, optimizer, _ = MicroBatchClipping().make_clipped(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            microbatch_size=1,
+            max_grad_norm=0.5,
+            verify_gradients=verify_gradients,
+        )
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            loss = wrapped(x, torch.tensor(LENGTHS)).float().mean()
+        loss.backward()
+        optimizer.pre_step()
+        return [p.grad for p in model.parameters()]
+
+    expected = update(None)
+    actual = update(dtype)
+    assert all(g.dtype == torch.float32 for g in actual)
+    assert_close_update(actual, expected, rtol=AUTOCAST_TOLERANCE[dtype])

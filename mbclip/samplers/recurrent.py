@@ -557,11 +557,14 @@ def backward_through_layers(
     first_output = record.padded(record.layer_outputs[-1])
     directions = 2 if module.bidirectional else 1
     dtype, device = first_output.dtype, first_output.device
+    if dtype in LOW_PRECISION:  # autocast or a half model: through time in float32, as the sums are kept
+        dtype = torch.float32
     grad_out = torch.zeros_like(first_output) if grad_out is None else record.padded(grad_out)
-    if grad_hn is None:
-        grad_hn = torch.zeros_like(record.h0)
-    if module.mode == "LSTM" and grad_cn is None:
-        grad_cn = torch.zeros_like(record.c0)
+    h0 = record.h0.to(dtype)
+    c0 = record.c0.to(dtype) if record.c0 is not None else None
+    grad_hn = torch.zeros_like(h0) if grad_hn is None else grad_hn.to(dtype)
+    if module.mode == "LSTM":
+        grad_cn = torch.zeros_like(c0) if grad_cn is None else grad_cn.to(dtype)
     needed = record.input_grads_needed or (False, False, False)
     valid = record.valid_steps(device)
     result: Dict[nn.Parameter, torch.Tensor] = {}
@@ -570,8 +573,8 @@ def backward_through_layers(
     grad_input = None
     grad_layer_output = grad_out.to(dtype)
     for layer in reversed(range(module.num_layers)):
-        x = record.padded(record.layer_inputs[layer])
-        output = record.padded(record.layer_outputs[layer])
+        x = record.padded(record.layer_inputs[layer]).to(dtype)
+        output = record.padded(record.layer_outputs[layer]).to(dtype)
         width = output.shape[-1] // directions
         grad_input = None
         for direction in range(directions):
@@ -580,7 +583,7 @@ def backward_through_layers(
                 name: getattr(module, name + suffix, None)
                 for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
             }
-            weights = {name: (w.detach() if w is not None else None) for name, w in weights.items()}
+            weights = {name: (w.detach().to(dtype) if w is not None else None) for name, w in weights.items()}
             state = layer * directions + direction
             columns = slice(direction * width, (direction + 1) * width)
             grads = _direction_backward(
@@ -589,8 +592,8 @@ def backward_through_layers(
                 x,
                 output[..., columns],
                 grad_layer_output[..., columns],
-                record.h0[state],
-                record.c0[state] if record.c0 is not None else None,
+                h0[state],
+                c0[state] if c0 is not None else None,
                 grad_hn[state],
                 grad_cn[state] if grad_cn is not None else None,
                 valid,
@@ -604,7 +607,7 @@ def backward_through_layers(
                 grad_input = part if grad_input is None else grad_input + part
         if layer > 0:
             scale = record.dropout_scales[layer - 1]
-            grad_layer_output = grad_input if scale is None else grad_input * record.padded(scale)
+            grad_layer_output = grad_input if scale is None else grad_input * record.padded(scale).to(dtype)
     input_grads = (
         record.repacked(grad_input) if needed[0] else None,
         torch.stack(grad_h0) if needed[1] else None,

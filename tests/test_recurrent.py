@@ -563,3 +563,28 @@ def test_autocast_runs_backward_through_time_in_float32(recurrent_path, dtype, v
     actual = update(dtype)
     assert all(g.dtype == torch.float32 for g in actual)
     assert_close_update(actual, expected, rtol=AUTOCAST_TOLERANCE[dtype])
+
+
+class EncoderDecoder(nn.Module):
+    """A sequence-to-sequence pair: the decoder starts from the encoder's final states, so the decoder's h0 and c0
+    gradients (from its node's backward) are the encoder's h_n and c_n gradients."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.encoder = RNN_FACTORIES[kind](num_layers=2, batch_first=True)
+        self.decoder = RNN_FACTORIES[kind](num_layers=2, batch_first=True)
+        self.head = nn.Linear(HIDDEN, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, state = self.encoder(x)
+        output, _ = self.decoder(x.flip(1), state)
+        return self.head(output).pow(2).sum(dim=(1, 2))
+
+
+@pytest.mark.parametrize("kind", sorted(RNN_FACTORIES))
+@pytest.mark.parametrize("microbatch_size", [1, 2])
+def test_encoder_decoder_states_carry_exact_gradients(kind, microbatch_size):
+    torch.manual_seed(0)
+    model = EncoderDecoder(kind).double()
+    x, _, _ = make_data(model.encoder, "")
+    check_update(model, lambda m: m(x), B, microbatch_size)

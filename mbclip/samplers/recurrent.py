@@ -427,14 +427,14 @@ def _direction_backward(
     gates[..., 2 * hidden : 3 * hidden].tanh_()
     gates[..., 3 * hidden :].sigmoid_()
     i, f, g, o = gates.chunk(4, dim=-1)
+    # per-step views taken once (unbind): indexing a tensor in the loop costs as much as the step's arithmetic
     cell = torch.empty_like(i)
-    cell_prev = torch.empty_like(i)
+    cells, fresh, forget_gate = cell.unbind(0), (i * g).unbind(0), f.unbind(0)
     c_state = c0
-    fresh = i * g
     for t in _steps(total, reverse, backward=False):
-        cell_prev[t] = c_state
-        cell[t] = torch.addcmul(fresh[t], f[t], c_state)
-        c_state = cell[t] if valid is None else torch.where(valid_bool[t], cell[t], c_state)
+        torch.addcmul(fresh[t], forget_gate[t], c_state, out=cells[t])
+        c_state = cells[t] if valid is None else torch.where(valid_bool[t], cells[t], c_state)
+    cell_prev = _previous_hidden(cell, c0, reverse, valid_bool)  # c_{t-1} at every valid step, as h_{t-1}
     tanh_c = torch.tanh(cell)
     # d(gates) = [dc, dc, dc, dm] * coef, written per step into dgates as [B, 4, H] views: (i, f, g) take dc, o dm.
     # coef = [g i (1 - i), c_prev f (1 - f), i (1 - g^2), tanh(c) o (1 - o)], each one fused kernel into its slot
@@ -452,19 +452,31 @@ def _direction_backward(
     forget = f if valid is None else torch.where(valid_bool, f, torch.ones_like(f))
     w_hr = weights.get("weight_hr")
     dh_total = torch.empty_like(output) if w_hr is not None else None
+    grad_steps, through_steps, forget_steps = grad_output.unbind(0), through_cell.unbind(0), forget.unbind(0)
+    coef_cell, coef_out = coef[:, :, :3].unbind(0), coef[:, :, 3].unbind(0)
+    dgates_cell, dgates_out = dgates_by_gate[:, :, :3].unbind(0), dgates_by_gate[:, :, 3].unbind(0)
+    dgates_steps = dgates.unbind(0)
+    order = list(_steps(total, reverse, backward=True))
     dc_state = grad_cn
-    for t in _steps(total, reverse, backward=True):
-        dh = dh_state + grad_output[t]
+    dh = dh_state + grad_steps[order[0]]
+    for k, t in enumerate(order):
         if w_hr is not None:
             dh_total[t] = dh
             dm = dh @ w_hr
         else:
             dm = dh
-        dc = torch.addcmul(dc_state, dm, through_cell[t])
-        torch.mul(coef[t, :, :3], dc.unsqueeze(1), out=dgates_by_gate[t, :, :3])
-        torch.mul(coef[t, :, 3], dm, out=dgates_by_gate[t, :, 3])
-        dh_state = dgates[t] @ w_hh if passing is None else torch.addmm(passing[t] * dh, dgates[t], w_hh)
-        dc_state = dc * forget[t]
+        dc = torch.addcmul(dc_state, dm, through_steps[t])
+        torch.mul(coef_cell[t], dc.unsqueeze(1), out=dgates_cell[t])
+        torch.mul(coef_out[t], dm, out=dgates_out[t])
+        dc_state = dc * forget_steps[t]
+        following = order[k + 1] if k + 1 < total else None
+        if passing is not None:
+            dh_state = torch.addmm(passing[t] * dh, dgates_steps[t], w_hh)
+            dh = None if following is None else dh_state + grad_steps[following]
+        elif following is not None:  # the next step's dh in one call: its output gradient plus this step's share
+            dh = torch.addmm(grad_steps[following], dgates_steps[t], w_hh)
+        else:
+            dh_state = dgates_steps[t] @ w_hh
     projection = None
     if w_hr is not None:
         projection = (dh_total * mask, o * tanh_c)

@@ -391,10 +391,12 @@ def _direction_backward(
         slope = (1 - output * output) if mode == "RNN_TANH" else (output > 0).to(x.dtype)
         if valid is not None:
             slope = slope * mask
+        grad_steps, slope_steps, dgates_steps = grad_output.unbind(0), slope.unbind(0), dgates.unbind(0)
         for t in _steps(total, reverse, backward=True):
-            dh = dh_state + grad_output[t]
-            dgates[t] = dh * slope[t]
-            dh_state = dgates[t] @ w_hh if passing is None else torch.addmm(passing[t] * dh, dgates[t], w_hh)
+            dh = dh_state + grad_steps[t]
+            torch.mul(dh, slope_steps[t], out=dgates_steps[t])
+            step = dgates_steps[t]
+            dh_state = step @ w_hh if passing is None else torch.addmm(passing[t] * dh, step, w_hh)
         return DirectionGradients(dgates, dgates, h_prev, grad_h0=dh_state)
     if mode == "GRU":
         gx = _projection(x, weights["weight_ih"], weights["bias_ih"])
@@ -411,11 +413,14 @@ def _direction_backward(
         coef_hidden = torch.cat([coef_input[..., : 2 * n.shape[-1]], coef_input[..., 2 * n.shape[-1] :] * r], dim=-1)
         keep = z if valid is None else torch.where(valid_bool, z, torch.ones_like(z))
         dh_total = torch.empty_like(output)
+        by_gate = coef_hidden.shape[:2] + (3, n.shape[-1])  # [T, B, 3, H]: (r, z, n) all take dh
+        grad_steps, dh_steps, keep_steps = grad_output.unbind(0), dh_total.unbind(0), keep.unbind(0)
+        coef_steps, dgates_by_gate = coef_hidden.view(by_gate).unbind(0), dgates.view(by_gate).unbind(0)
+        dgates_steps = dgates.unbind(0)
         for t in _steps(total, reverse, backward=True):
-            dh = dh_state + grad_output[t]
-            dh_total[t] = dh
-            dgates[t] = dh.repeat(1, 3) * coef_hidden[t]
-            dh_state = torch.addmm(dh * keep[t], dgates[t], w_hh)
+            dh = torch.add(dh_state, grad_steps[t], out=dh_steps[t])
+            torch.mul(coef_steps[t], dh.unsqueeze(1), out=dgates_by_gate[t])
+            dh_state = torch.addmm(dh * keep_steps[t], dgates_steps[t], w_hh)
         return DirectionGradients(dh_total.repeat(1, 1, 3) * coef_input, dgates, h_prev, grad_h0=dh_state)
     # LSTM: the gate pre-activations in two accumulated matmuls (one bias, no [T, B, 4H] temporaries); c_t is not
     # an output, so recompute it (elementwise, one step at a time)

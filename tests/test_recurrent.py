@@ -13,6 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from helpers import check_update, mbclip_update, on_both_paths
 from mbclip.engine import MicroBatchClipping
+from mbclip.errors import BatchError
 from mbclip.samplers import recurrent
 from mbclip.samplers.recurrent import RECORD_ATTRIBUTE, LoopedRecord
 from reference import assert_close_update, reference_update
@@ -373,7 +374,6 @@ def test_unbatched_input_is_refused_with_a_clear_error():
     wrapped, clipped, _ = MicroBatchClipping().make_clipped(
         module=Model(), optimizer=optimizer, microbatch_size=1, max_grad_norm=1.0
     )
-    from mbclip.errors import BatchError
 
     with pytest.raises(BatchError, match="unbatched"):
         wrapped(torch.randn(T, T, FEATURES, dtype=torch.float64)).mean().backward()
@@ -588,3 +588,55 @@ def test_encoder_decoder_states_carry_exact_gradients(kind, microbatch_size):
     model = EncoderDecoder(kind).double()
     x, _, _ = make_data(model.encoder, "")
     check_update(model, lambda m: m(x), B, microbatch_size)
+
+
+def _after_checked_step(model, x, lengths):
+    """``model`` wrapped (lr 0: its weights stay), with the checked first step taken: what follows runs on the
+    sampler-only path."""
+    wrapped, optimizer, _ = MicroBatchClipping().make_clipped(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), microbatch_size=1, max_grad_norm=0.5
+    )
+    wrapped(x, lengths).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return wrapped, optimizer
+
+
+@pytest.mark.parametrize("kind", sorted(RNN_FACTORIES))
+def test_second_order_input_gradients_match_the_plain_model(recurrent_path, kind):
+    """``create_graph=True`` through a recurrent layer on the sampler-only path (its node's backward re-runs the
+    native kernels differentiably): the input gradient and its own gradient are the plain model's."""
+    torch.manual_seed(0)
+    model = FedRecurrent(RNN_FACTORIES[kind](num_layers=2, bidirectional=True, batch_first=True), True).double()
+    x, _, _ = make_data(model.rnn, "unsorted")
+    lengths = torch.tensor(LENGTHS)
+
+    def input_gradients(net):
+        inputs = x.clone().requires_grad_()
+        (first,) = torch.autograd.grad(net(inputs, lengths).sum(), inputs, create_graph=True)
+        (second,) = torch.autograd.grad(first.pow(2).sum(), inputs)
+        return first.detach(), second
+
+    expected = input_gradients(copy.deepcopy(model))
+    wrapped, _ = _after_checked_step(model, x, lengths)
+    for actual, wanted in zip(input_gradients(wrapped), expected):
+        torch.testing.assert_close(actual, wanted, rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_penalty_through_a_recurrent_layer_is_refused_at_the_step(recurrent_path):
+    """A loss built from the input gradient reaches the weights through the double backward, which no sampler
+    splits: on the sampler-only path too the step refuses it by name, and nothing changes."""
+    torch.manual_seed(0)
+    model = FedRecurrent(nn.LSTM(FEATURES, HIDDEN, num_layers=3, dropout=0.3, batch_first=True), False).double()
+    x, _, _ = make_data(model.rnn, "")
+    lengths = torch.tensor(LENGTHS)
+    wrapped, optimizer = _after_checked_step(model, x, lengths)
+    before = [p.detach().clone() for p in model.parameters()]
+    inputs = x.clone().requires_grad_()
+    loss = wrapped(inputs, lengths).mean()
+    (gradient,) = torch.autograd.grad(loss, inputs, create_graph=True)
+    (loss + gradient.pow(2).sum()).backward()
+    with pytest.raises(BatchError, match=r"a gradient penalty through torch\.autograd\.grad"):
+        optimizer.step()
+    for p, old in zip(model.parameters(), before):
+        assert torch.equal(p, old)

@@ -25,7 +25,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import _VF, nn
-from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from mbclip.errors import BatchError
@@ -157,9 +156,9 @@ def recording_forward(module: nn.RNNBase, input, hx=None):
     return result_output, ((h_n, c_n) if is_lstm else h_n)
 
 
-def _run_layers(module: nn.RNNBase, layer_input: torch.Tensor, h0, c0, packing):
-    """The native kernel layer by layer, dropout between layers drawn here: ``(output, h_n, c_n, record)``, the
-    output time-major (or packed data) and the final states in batch order."""
+def _run_layers(module: nn.RNNBase, layer_input: torch.Tensor, h0, c0, packing, scales=None):
+    """The native kernel layer by layer, dropout between layers drawn here (or replayed from ``scales``):
+    ``(output, h_n, c_n, record)``, the output time-major (or packed data) and the final states in batch order."""
     batch_sizes, sorted_indices, unsorted_indices = packing
     kernel_hx = _kernel_states(module, h0, c0, sorted_indices)
     is_lstm = module.mode == "LSTM"
@@ -167,7 +166,8 @@ def _run_layers(module: nn.RNNBase, layer_input: torch.Tensor, h0, c0, packing):
     directions = 2 if module.bidirectional else 1
     weights = module._flat_weights
     per_layer = len(weights) // module.num_layers
-    inputs, outputs, scales, last_h, last_c = [], [], [], [], []
+    replayed = scales
+    inputs, outputs, recorded_scales, last_h, last_c = [], [], [], [], []
     for layer in range(module.num_layers):
         rows = slice(layer * directions, (layer + 1) * directions)
         layer_hx = [kernel_hx[0][rows], kernel_hx[1][rows]] if is_lstm else kernel_hx[rows]
@@ -188,11 +188,16 @@ def _run_layers(module: nn.RNNBase, layer_input: torch.Tensor, h0, c0, packing):
         outputs.append(output.detach())
         if layer < module.num_layers - 1 and module.dropout > 0:
             keep = 1.0 - module.dropout
-            scale = torch.empty_like(output).bernoulli_(keep).div_(keep) if keep > 0 else torch.zeros_like(output)
-            scales.append(scale)
+            if replayed is not None:
+                scale = replayed[layer]
+            elif keep > 0:
+                scale = torch.empty_like(output).bernoulli_(keep).div_(keep)
+            else:
+                scale = torch.zeros_like(output)
+            recorded_scales.append(scale)
             layer_input = output * scale
         else:
-            scales.append(None)
+            recorded_scales.append(None)
             layer_input = output
     h_n = torch.cat(last_h, dim=0)
     c_n = torch.cat(last_c, dim=0) if is_lstm else None
@@ -202,7 +207,7 @@ def _run_layers(module: nn.RNNBase, layer_input: torch.Tensor, h0, c0, packing):
     record = RecurrentRecord(
         inputs,
         outputs,
-        scales,
+        recorded_scales,
         h0.detach(),
         c0.detach() if c0 is not None else None,
         batch_sizes,
@@ -228,19 +233,45 @@ class _SampledRecurrence(torch.autograd.Function):
         holder.append(record)
         ctx.module = module
         ctx.record = record
+        ctx.packing = packing
+        # the same storage as the record's tensors; only a create_graph backward reads them
+        ctx.save_for_backward(layer_input, h0, c0)
         ctx.set_materialize_grads(False)
         return (output, h_n, c_n) if c_n is not None else (output, h_n)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output, grad_hn, grad_cn=None):
         record = ctx.record
         stash, record.input_grads = record.input_grads, None
-        if stash is not None and stash[0] == torch._C._current_graph_task_id():
+        if torch.is_grad_enabled():  # create_graph=True: a backward that must itself be differentiable
+            inputs = ctx.saved_tensors
+            input_grads = _differentiable_input_grads(
+                ctx.module, record, ctx.packing, inputs, (grad_output, grad_hn, grad_cn)
+            )
+        elif stash is not None and stash[0] == torch._C._current_graph_task_id():
             input_grads = stash[1]
         else:
             _, input_grads = backward_through_layers(ctx.module, record, grad_output, grad_hn, grad_cn, None)
         return (None, None, None) + input_grads
+
+
+def _differentiable_input_grads(module: nn.RNNBase, record: RecurrentRecord, packing, inputs, grads):
+    """The input and initial-state gradients as a graph (``create_graph=True``, e.g. for a gradient penalty): the
+    native kernels re-run on the node's own inputs (``inputs``, from its saved tensors, so the graph goes on through
+    them) with the recorded dropout factors, and autograd differentiates them.
+
+    The graph reaches the layer's weights, so a loss built from these gradients gives the weights gradients that no
+    sampler split; the step refuses them by name, as for every other layer."""
+    needed = record.input_grads_needed
+    with torch.enable_grad():
+        outputs = _run_layers(module, *inputs, packing, scales=record.dropout_scales)[:3]
+        pairs = [(out, grad) for out, grad in zip(outputs, grads) if out is not None and grad is not None]
+        wanted = [tensor for tensor, need in zip(inputs, needed) if need]
+        found = torch.autograd.grad(
+            [out for out, _ in pairs], wanted, [grad for _, grad in pairs], create_graph=True, allow_unused=True
+        )
+    found = iter(found)
+    return tuple(next(found) if need else None for need in needed)
 
 
 # -- few micro-batches: the native kernel once per micro-batch -------------------------------------

@@ -156,8 +156,8 @@ def recording_forward(module: nn.RNNBase, input, hx=None):
     return result_output, ((h_n, c_n) if is_lstm else h_n)
 
 
-def _run_layers(module: nn.RNNBase, layer_input: torch.Tensor, h0, c0, packing, scales=None):
-    """The native kernel layer by layer, dropout between layers drawn here (or replayed from ``scales``):
+def _run_layers(module: nn.RNNBase, layer_input: torch.Tensor, h0, c0, packing, replayed_scales=None):
+    """The native kernel layer by layer, dropout between layers drawn here (or replayed from ``replayed_scales``):
     ``(output, h_n, c_n, record)``, the output time-major (or packed data) and the final states in batch order."""
     batch_sizes, sorted_indices, unsorted_indices = packing
     kernel_hx = _kernel_states(module, h0, c0, sorted_indices)
@@ -166,7 +166,6 @@ def _run_layers(module: nn.RNNBase, layer_input: torch.Tensor, h0, c0, packing, 
     directions = 2 if module.bidirectional else 1
     weights = module._flat_weights
     per_layer = len(weights) // module.num_layers
-    replayed = scales
     inputs, outputs, recorded_scales, last_h, last_c = [], [], [], [], []
     for layer in range(module.num_layers):
         rows = slice(layer * directions, (layer + 1) * directions)
@@ -188,8 +187,8 @@ def _run_layers(module: nn.RNNBase, layer_input: torch.Tensor, h0, c0, packing, 
         outputs.append(output.detach())
         if layer < module.num_layers - 1 and module.dropout > 0:
             keep = 1.0 - module.dropout
-            if replayed is not None:
-                scale = replayed[layer]
+            if replayed_scales is not None:
+                scale = replayed_scales[layer]
             elif keep > 0:
                 scale = torch.empty_like(output).bernoulli_(keep).div_(keep)
             else:
@@ -264,8 +263,10 @@ def _differentiable_input_grads(module: nn.RNNBase, record: RecurrentRecord, pac
     sampler split; the step refuses them by name, as for every other layer."""
     needed = record.input_grads_needed
     with torch.enable_grad():
-        outputs = _run_layers(module, *inputs, packing, scales=record.dropout_scales)[:3]
+        outputs = _run_layers(module, *inputs, packing, replayed_scales=record.dropout_scales)[:3]
         pairs = [(out, grad) for out, grad in zip(outputs, grads) if out is not None and grad is not None]
+        if not pairs:  # no output got a gradient
+            return (None,) * len(needed)
         wanted = [tensor for tensor, need in zip(inputs, needed) if need]
         found = torch.autograd.grad(
             [out for out, _ in pairs], wanted, [grad for _, grad in pairs], create_graph=True, allow_unused=True

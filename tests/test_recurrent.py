@@ -508,6 +508,18 @@ def test_sampler_only_path_with_dropout_and_projection_matches_the_checked_path(
     mbclip_update(model, lambda m, samples: m(x, lengths)[samples], 2, max_grad_norm=0.5)
 
 
+def _after_checked_step(model, x, lengths):
+    """``model`` wrapped (lr 0: its weights stay), with the checked first step taken: what follows runs on the
+    sampler-only path."""
+    wrapped, optimizer, _ = MicroBatchClipping().make_clipped(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), microbatch_size=1, max_grad_norm=0.5
+    )
+    wrapped(x, lengths).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return wrapped, optimizer
+
+
 def test_input_gradient_without_the_sampler_is_the_native_one(recurrent_path):
     """A backward that does not sample (``torch.autograd.grad`` on the input) gets the node's own backward through
     time: the native kernel's input and state gradients."""
@@ -518,11 +530,7 @@ def test_input_gradient_without_the_sampler_is_the_native_one(recurrent_path):
     x.requires_grad_()
     lengths = torch.tensor(LENGTHS)
     expected = torch.autograd.grad(model(x, lengths).sum(), x)[0]
-    wrapped, optimizer, _ = MicroBatchClipping().make_clipped(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), microbatch_size=1, max_grad_norm=0.5
-    )
-    wrapped(x, lengths).mean().backward()
-    optimizer.step()  # the checked first step (lr 0: the weights stay those of ``expected``)
+    wrapped, _ = _after_checked_step(model, x, lengths)  # lr 0: the weights stay those of ``expected``
     counts = {"sampler": 0, "node": 0}
     with _count_node_backwards(counts):
         actual = torch.autograd.grad(wrapped(x, lengths).sum(), x)[0]
@@ -588,18 +596,6 @@ def test_encoder_decoder_states_carry_exact_gradients(kind, microbatch_size):
     model = EncoderDecoder(kind).double()
     x, _, _ = make_data(model.encoder, "")
     check_update(model, lambda m: m(x), B, microbatch_size)
-
-
-def _after_checked_step(model, x, lengths):
-    """``model`` wrapped (lr 0: its weights stay), with the checked first step taken: what follows runs on the
-    sampler-only path."""
-    wrapped, optimizer, _ = MicroBatchClipping().make_clipped(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), microbatch_size=1, max_grad_norm=0.5
-    )
-    wrapped(x, lengths).mean().backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    return wrapped, optimizer
 
 
 @pytest.mark.parametrize("kind", sorted(RNN_FACTORIES))

@@ -584,7 +584,7 @@ def recurrent_sampler(
     if grad_out is not None and module.batch_first and not record.packed:
         grad_out = grad_out.transpose(0, 1)
     sums, input_grads = backward_through_layers(module, record, grad_out, grad_hn, grad_cn, call.layout)
-    if record.input_grads_needed is not None:  # for the _SampledRecurrence node's backward, next in this pass
+    if record.input_grads_needed is not None and any(record.input_grads_needed):  # for the node's backward, next
         record.input_grads = (torch._C._current_graph_task_id(), input_grads)
     return sums
 

@@ -32,6 +32,8 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import os
+import platform
 import statistics
 import sys
 import time
@@ -560,11 +562,28 @@ def parse_args(argv=None):
     return args
 
 
+def cpu_description() -> str:
+    """The CPU by name, core count and the vector extension torch's kernels use: the ratios to plain depend on the
+    machine (a faster CPU shrinks a plain step more than mbclip's fixed costs), so a table names it."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
+    except OSError:  # not Linux
+        pass
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+    extension = f", {capability}" if capability else ""
+    return f"{name} ({os.cpu_count()} cores{extension})"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"CPU: {cpu_description()}, {args.threads} threads"
     print(f"# step time: torch {torch.__version__}, {where}, repeats={args.repeats}, noise 0, C={MAX_GRAD_NORM}")
     for name in args.models:
         try:

@@ -43,6 +43,17 @@ def test_step_time_prints_the_spread_of_the_paired_ratios(capsys):
     assert rows["plain"][4].strip() == "", out  # plain's ratio to itself is 1 by definition
 
 
+def test_step_time_names_the_cpu_it_ran_on(capsys):
+    step_time = load("step_time")
+    described = step_time.cpu_description()
+    assert described and "cores" in described
+    step_time.main(
+        ["--models", "cnn", "--microbatch-sizes", "8", "--batch-size", "8", "--repeats", "1", "--methods", "mbclip"]
+    )
+    header = capsys.readouterr().out.splitlines()[0]
+    assert f"CPU: {described}" in header, header
+
+
 def test_step_time_refuses_a_device_it_cannot_use(capsys):
     step_time = load("step_time")
     with pytest.raises(SystemExit):

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Sequence, Union
 
 import torch
+from opacus.grad_sample import GradSampleModule
 from torch import nn
 
 # per_sample_losses(model, samples) -> losses [len(samples)]; samples is a slice or an index tensor
@@ -33,10 +34,20 @@ def reference_update(
     clipping: str = "fixed",
     max_grad_norm: Union[None, float, Sequence[float]] = None,
     microbatch_reduction: str = "mean",
-    params: Optional[List[nn.Parameter]] = None,
 ) -> Reference:
+    """The reference update of ``model``'s trainable parameters, computed on a deep copy (``model`` is untouched).
+
+    ``model`` must be the plain model: a wrapped one (mbclip's or Opacus's hooks) would carry its hooks and its
+    recorded passes into the copy, and the reference would no longer be independent of mbclip.
+    """
+    wrapped = [name or "the model itself" for name, m in model.named_modules() if _carries_sample_hooks(m)]
+    if wrapped:
+        raise TypeError(
+            f"reference_update needs the plain model, and '{wrapped[0]}' carries per-sample gradient hooks: pass a "
+            "copy taken before make_clipped (copy.deepcopy(model)), or the module the wrapper was given."
+        )
     model = copy.deepcopy(model)
-    params = [p for p in model.parameters() if p.requires_grad] if params is None else params
+    params = [p for p in model.parameters() if p.requires_grad]
     gradients = []
     for start in range(0, batch_size, microbatch_size):
         losses = per_sample_losses(model, slice(start, min(start + microbatch_size, batch_size)))
@@ -44,6 +55,18 @@ def reference_update(
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         gradients.append([torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)])
     return clip_and_average(gradients, clipping, max_grad_norm)
+
+
+def weights_into(plain: nn.Module, trained: nn.Module) -> nn.Module:
+    """``plain`` (a copy of the model taken before wrapping) with ``trained``'s parameters and buffers now: the
+    model to give :func:`reference_update` for a wrapped model that has trained since."""
+    plain.load_state_dict(trained.state_dict())
+    return plain
+
+
+def _carries_sample_hooks(module: nn.Module) -> bool:
+    """A wrapper (``GradSampleModule`` and its subclasses, mbclip's among them) or a module hooked by one."""
+    return isinstance(module, GradSampleModule) or hasattr(module, "autograd_grad_sample_hooks")
 
 
 def clip_and_average(

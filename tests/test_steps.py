@@ -1,5 +1,7 @@
 """Whole steps: virtual batches over several backward passes, diagnostics, the data loader, the DP path."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import mbclip_update
 from mbclip import MicroBatchClipping
-from reference import assert_close_update, clip_and_average, reference_update
+from reference import assert_close_update, clip_and_average, reference_update, weights_into
 
 
 def _model():
@@ -47,6 +49,7 @@ def test_diagnostics_describe_the_step(microbatch_size, microbatch_reduction):
     batch = 7
     x, y = torch.randn(batch, 5), torch.randint(0, 3, (batch,))
     model = _model()
+    plain = copy.deepcopy(model)
     ref = reference_update(model, _losses(x, y), batch, microbatch_size, "fixed", 0.05, microbatch_reduction)
     update, optimizer = mbclip_update(
         model, _losses(x, y), microbatch_size, "fixed", 0.05, microbatch_reduction=microbatch_reduction
@@ -60,7 +63,7 @@ def test_diagnostics_describe_the_step(microbatch_size, microbatch_reduction):
     torch.testing.assert_close(step.clip_factors, ref.factors, rtol=1e-10, atol=0)
     assert step.fraction_clipped == pytest.approx(float((ref.factors < 1).double().mean()))
     # the update is the weighted sum of per-sample gradients with these weights
-    per_sample = reference_update(model, _losses(x, y), batch, 1, "fixed", 1e9, "sum").gradients
+    per_sample = reference_update(weights_into(plain, model), _losses(x, y), batch, 1, "fixed", 1e9, "sum").gradients
     rebuilt = [sum(step.sample_weights[i] * per_sample[i][k] for i in range(batch)) for k in range(len(update))]
     assert_close_update(rebuilt, update)
     if microbatch_size >= batch:  # one micro-batch: global clipping; every sample weighs factor / B

@@ -237,6 +237,5 @@ def conv_sampler(module: nn.Module, call: LayerCall, grad_outputs: Sequence[Opti
         )
         result[module.weight] = weight_grad.reshape((num_microbatches,) + tuple(module.weight.shape))
     if module.bias is not None and module.bias.requires_grad:
-        per_sample = grad_output.reshape(grad_output.shape[0], grad_output.shape[1], -1).sum(dim=2)
-        result[module.bias] = call.layout.sum_per_microbatch(per_sample)
+        result[module.bias] = call.layout.channel_sums(grad_output)
     return result

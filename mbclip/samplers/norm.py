@@ -12,30 +12,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mbclip.layout import MicroBatchLayout
 from mbclip.samplers.registry import LayerCall, batch_to_front, register_microbatch_sampler
 
 
-def _affine_sums(module: nn.Module, call: LayerCall, normalized: torch.Tensor, grad_output: torch.Tensor, per_sample):
-    """Micro-batch sums of ``grad * x_hat`` (weight) and ``grad`` (bias): ``per_sample`` takes a ``[B, ...]`` tensor
-    to ``[B, *param.shape]`` (each sample's sum), then each micro-batch's samples are summed. ``normalized`` is a
-    temporary of the caller's, of ``grad_output``'s shape and dtype; it is overwritten (no second temporary)."""
+def _affine_sums(module: nn.Module, call: LayerCall, normalized: torch.Tensor, grad_output: torch.Tensor, sums):
+    """Micro-batch sums of ``grad * x_hat`` (weight) and ``grad`` (bias): ``sums(tensor, layout)`` takes a
+    ``[B, ...]`` tensor to ``[M, *param.shape]``. ``normalized`` is a temporary of the caller's, of ``grad_output``'s
+    shape and dtype; it is overwritten (no second temporary)."""
     weight, bias = module.weight, getattr(module, "bias", None)
     result = {}
     if bias is not None and bias.requires_grad:
-        result[bias] = call.layout.sum_per_microbatch(per_sample(grad_output))
+        result[bias] = sums(grad_output, call.layout)
     if weight is not None and weight.requires_grad:  # ``normalized`` is the sampler's own: multiplied in place
-        result[weight] = call.layout.sum_per_microbatch(per_sample(normalized.mul_(grad_output)))
+        result[weight] = sums(normalized.mul_(grad_output), call.layout)
     return result
 
 
 def _feature_sums(feature_shape):
-    """``per_sample`` for a norm over trailing feature dims: ``[B, ..., *features]`` -> ``[B, *features]``."""
-    return lambda t: t.reshape((t.shape[0], -1) + tuple(feature_shape)).sum(dim=1)
+    """``sums`` for a norm over trailing feature dims: ``[B, ..., *features]`` -> ``[M, *features]``, summed over
+    each micro-batch's samples and positions in one reduction."""
+
+    def sums(tensor: torch.Tensor, layout: MicroBatchLayout) -> torch.Tensor:
+        one_each = layout.microbatch_size == 1 and tensor.shape[0] == layout.batch_size
+        grouped = tensor if one_each else layout.group(tensor)  # [M, b, ...]
+        return grouped.reshape((grouped.shape[0], -1) + tuple(feature_shape)).sum(dim=1)
+
+    return sums
 
 
-def _per_channel(tensor: torch.Tensor) -> torch.Tensor:
-    """``per_sample`` for a channel-wise norm: ``[B, C, *positions]`` -> ``[B, C]``, no channels-last copy."""
-    return tensor.sum(dim=tuple(range(2, tensor.dim()))) if tensor.dim() > 2 else tensor
+def _per_channel(tensor: torch.Tensor, layout: MicroBatchLayout) -> torch.Tensor:
+    """``sums`` for a channel-wise norm: ``[B, C, *positions]`` -> ``[M, C]``, no channels-last copy."""
+    return layout.channel_sums(tensor)
 
 
 def channel_affine_sums(

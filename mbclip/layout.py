@@ -62,7 +62,5 @@ class MicroBatchLayout:
     def channel_sums(self, tensor: torch.Tensor) -> torch.Tensor:
         """``[B, C, *positions] -> [M, C]``: the sum over each micro-batch's samples and positions, in one reduction
         (a bias of a convolution or of a channel-wise norm)."""
-        if self.microbatch_size == 1 and tensor.shape[0] == self.batch_size:
-            return tensor.sum(dim=tuple(range(2, tensor.dim()))) if tensor.dim() > 2 else tensor
-        grouped = self.group(tensor)  # [M, b, C, *positions]
+        grouped = self.group(tensor)  # [M, b, C, *positions], a view unless the last micro-batch is padded
         return grouped.sum(dim=(1,) + tuple(range(3, grouped.dim())))

@@ -44,7 +44,8 @@ def reference_update(
     if wrapped:
         raise TypeError(
             f"reference_update needs the plain model, and '{wrapped[0]}' carries per-sample gradient hooks: pass a "
-            "copy taken before make_clipped (copy.deepcopy(model)), or the module the wrapper was given."
+            "copy taken before wrapping (copy.deepcopy(model)), given the current weights with weights_into if the "
+            "wrapped model has trained since."
         )
     model = copy.deepcopy(model)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -34,8 +34,7 @@ def _feature_sums(feature_shape):
     each micro-batch's samples and positions in one reduction."""
 
     def sums(tensor: torch.Tensor, layout: MicroBatchLayout) -> torch.Tensor:
-        one_each = layout.microbatch_size == 1 and tensor.shape[0] == layout.batch_size
-        grouped = tensor if one_each else layout.group(tensor)  # [M, b, ...]
+        grouped = layout.group(tensor)  # [M, b, ...], a view unless the last micro-batch is padded
         return grouped.reshape((grouped.shape[0], -1) + tuple(feature_shape)).sum(dim=1)
 
     return sums

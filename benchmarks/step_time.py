@@ -30,6 +30,7 @@ a separate untimed run), also above what was live before it. Nothing is download
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import os
@@ -39,7 +40,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -412,6 +413,22 @@ def timed(step: Step, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for a while: torch's profiler prints a start and a stop line (and allocator
+    notes) from C++ each time it runs, which would bury the tables under hundreds of lines."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_memory(step: Step, device: torch.device) -> float:
     """Peak bytes allocated by one step above what was live before it."""
     if device.type == "cuda":
@@ -423,7 +440,7 @@ def peak_memory(step: Step, device: torch.device) -> float:
         return float(torch.cuda.max_memory_allocated(device) - before)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     live = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):

@@ -1,10 +1,12 @@
 """The benchmark scripts run end to end (tiny settings; their numbers are not checked, only that they come out)."""
 
 import importlib.util
+import os
 import pathlib
 import sys
 
 import pytest
+import torch
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -52,6 +54,20 @@ def test_step_time_names_the_cpu_it_ran_on(capsys):
     )
     header = capsys.readouterr().out.splitlines()[0]
     assert f"CPU: {described}" in header, header
+
+
+def test_memory_runs_keep_the_profilers_native_lines_off_stderr(capfd):
+    step_time = load("step_time")
+
+    def noisy_step():
+        os.write(2, b"native noise\n")  # as torch's profiler writes its start and stop lines, from C++
+        torch.ones(1000).sum()
+
+    assert step_time.peak_memory(noisy_step, torch.device("cpu")) >= 0
+    os.write(2, b"stderr is back\n")
+    err = capfd.readouterr().err
+    assert "native noise" not in err and "profiler_start" not in err, err
+    assert "stderr is back" in err
 
 
 def test_step_time_refuses_a_device_it_cannot_use(capsys):

@@ -416,7 +416,8 @@ def timed(step: Step, device: torch.device) -> float:
 @contextlib.contextmanager
 def native_stderr_silenced() -> Iterator[None]:
     """Send file descriptor 2 to /dev/null for a while: torch's profiler prints a start and a stop line (and allocator
-    notes) from C++ each time it runs, which would bury the tables under hundreds of lines."""
+    notes) from C++ each time it runs, which would bury the tables under hundreds of lines. Python warnings of that
+    untimed step go too; the timed runs of the same step show them, and an exception still propagates."""
     sys.stderr.flush()
     saved = os.dup(2)
     try:

@@ -3,6 +3,8 @@
 import importlib.util
 import os
 import pathlib
+import platform
+import subprocess
 import sys
 
 import pytest
@@ -95,3 +97,25 @@ def test_step_time_runs_only_the_methods_asked_for(capsys):
     with pytest.raises(SystemExit):
         step_time.parse_args(["--methods", "mbclip,dp_sgd"])
     assert "dp_sgd" in capsys.readouterr().err
+
+
+def test_step_time_counts_page_faults_and_can_keep_freed_memory(capsys):
+    step_time = load("step_time")
+    assert step_time.parse_args(["--keep-freed-memory"]).keep_freed_memory
+    assert not step_time.parse_args([]).keep_freed_memory
+    taken, faults = step_time.timed(lambda: torch.ones(1 << 20).sum(), torch.device("cpu"))
+    assert taken > 0 and (faults is None or faults >= 0)
+    # the allocator setting is process-wide and for good: try it in a child process, not in the test session
+    script = (
+        f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); import step_time; "
+        "step_time.main(['--models', 'cnn', '--microbatch-sizes', '8', '--batch-size', '8', '--repeats', '1', "
+        "'--methods', 'mbclip', '--no-memory', '--keep-freed-memory'])"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    header, *lines = done.stdout.splitlines()
+    assert "malloc: keeps freed memory" in header or "not glibc" in header, header
+    rows = {line.split("|")[1].strip(): line.split("|") for line in lines if line.startswith("| ")}
+    assert rows["method"][7].strip() == "faults", done.stdout
+    if platform.libc_ver()[0] == "glibc":
+        assert "malloc: keeps freed memory" in header, header

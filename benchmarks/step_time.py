@@ -9,17 +9,19 @@ the peak memory of one step above what was live before it (and its ratio to plai
 page faults of a timed step ("faults": pages the OS had to hand out and zero). Each round starts with an untimed
 ``gc.collect()``.
 
-On Linux, glibc's malloc gives large freed blocks back to the OS, so every step takes page faults again for memory the
-last step freed: on a 2-core AMD EPYC, about 10,000 a step (40 MB) for the LSTM's plain step, some 15% of its time. With
-``--keep-freed-memory`` the process keeps freed memory for the next step (as a training job does when started with
-``MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_MMAP_THRESHOLD_=33554432``); it applies to every method alike, and the header
-says which allocator ran.
+On Linux, glibc's malloc gives large freed blocks back to the OS, so a step can take page faults again for memory the
+last step freed (on a 2-core AMD EPYC, about 10,000 a step, 40 MB, for the LSTM's plain step: some 15% of its time),
+and whether it does depends on what ran before in the process: glibc raises its thresholds after freeing large blocks,
+such as Opacus's per-sample gradients. So that each method's time is its own, the script first makes glibc's malloc
+keep freed memory for the next step (as a training job does when started with ``MALLOC_TRIM_THRESHOLD_=1073741824
+MALLOC_MMAP_THRESHOLD_=33554432``), for every method alike; ``--no-keep-freed-memory`` leaves the allocator as it is.
+The header says which ran. Blocks over 32 MiB (Opacus's per-sample gradients of a large layer) still get fresh pages.
 
     python benchmarks/step_time.py                        # CPU, 2 threads, every model
     python benchmarks/step_time.py --device cuda --threads 8
     python benchmarks/step_time.py --models conformer,cnn --microbatch-sizes 1,8,32 --repeats 9
     python benchmarks/step_time.py --models conformer --methods mbclip --repeats 25   # plain and mbclip only
-    python benchmarks/step_time.py --keep-freed-memory     # malloc keeps freed memory: no page faults for it
+    python benchmarks/step_time.py --no-keep-freed-memory  # glibc's malloc as it comes (page faults vary by run)
 
 Methods (all with noise 0, max_grad_norm 1, SGD):
 - plain:          the model with native torch layers, ``loss.mean().backward(); opt.step()``.
@@ -615,8 +617,9 @@ def parse_args(argv=None):
     parser.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory runs")
     parser.add_argument(
         "--keep-freed-memory",
-        action="store_true",
-        help="make glibc's malloc keep freed memory for the next step (no page faults for it); for every method alike",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="make glibc's malloc keep freed memory for the next step, for every method alike (default: on)",
     )
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of methods that fail")
     args = parser.parse_args(argv)
@@ -660,10 +663,10 @@ def main(argv=None) -> None:
         where = torch.cuda.get_device_name(device)
     else:
         where = f"CPU: {cpu_description()}, {args.threads} threads"
-    allocator = "default"
+    allocator = "as it comes"
     if args.keep_freed_memory:
         kept = keep_freed_memory()
-        allocator = "keeps freed memory" if kept else "default (not glibc: --keep-freed-memory did nothing)"
+        allocator = "keeps freed memory" if kept else "as it comes (not glibc: nothing to keep freed memory)"
     print(
         f"# step time: torch {torch.__version__}, {where}, repeats={args.repeats}, noise 0, C={MAX_GRAD_NORM}, "
         f"malloc: {allocator}"

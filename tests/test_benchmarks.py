@@ -11,6 +11,8 @@ import pytest
 import torch
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+# step_time's malloc setting is process-wide and for good: runs inside the test session leave the allocator alone
+AS_IT_COMES = ("--no-keep-freed-memory",)
 
 
 def load(name: str):
@@ -24,7 +26,9 @@ def load(name: str):
 @pytest.mark.slow
 def test_step_time_prints_every_method(capsys):
     step_time = load("step_time")
-    step_time.main(["--models", "cnn", "--microbatch-sizes", "1,8", "--batch-size", "8", "--repeats", "1"])
+    step_time.main(
+        ["--models", "cnn", "--microbatch-sizes", "1,8", "--batch-size", "8", "--repeats", "1", *AS_IT_COMES]
+    )
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
@@ -37,7 +41,19 @@ def test_step_time_prints_the_spread_of_the_paired_ratios(capsys):
     assert step_time.ratio_spread([1.2]) == ""  # one round: no spread to show
     assert step_time.ratio_spread([1.0, 1.1, 1.2, 1.3, 1.4]) == "1.10-1.30"
     step_time.main(
-        ["--models", "cnn", "--microbatch-sizes", "8", "--batch-size", "8", "--repeats", "3", "--methods", "mbclip"]
+        [
+            "--models",
+            "cnn",
+            "--microbatch-sizes",
+            "8",
+            "--batch-size",
+            "8",
+            "--repeats",
+            "3",
+            "--methods",
+            "mbclip",
+            *AS_IT_COMES,
+        ]
     )
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
@@ -52,10 +68,23 @@ def test_step_time_names_the_cpu_it_ran_on(capsys):
     described = step_time.cpu_description()
     assert described and "cores" in described
     step_time.main(
-        ["--models", "cnn", "--microbatch-sizes", "8", "--batch-size", "8", "--repeats", "1", "--methods", "mbclip"]
+        [
+            "--models",
+            "cnn",
+            "--microbatch-sizes",
+            "8",
+            "--batch-size",
+            "8",
+            "--repeats",
+            "1",
+            "--methods",
+            "mbclip",
+            *AS_IT_COMES,
+        ]
     )
     header = capsys.readouterr().out.splitlines()[0]
     assert f"CPU: {described}" in header, header
+    assert header.endswith("malloc: as it comes"), header
 
 
 def test_memory_runs_keep_the_profilers_native_lines_off_stderr(capfd):
@@ -89,7 +118,19 @@ def test_per_call_overhead_prints_the_three_phases(capsys):
 def test_step_time_runs_only_the_methods_asked_for(capsys):
     step_time = load("step_time")
     step_time.main(
-        ["--models", "cnn", "--microbatch-sizes", "8", "--batch-size", "8", "--repeats", "1", "--methods", "mbclip"]
+        [
+            "--models",
+            "cnn",
+            "--microbatch-sizes",
+            "8",
+            "--batch-size",
+            "8",
+            "--repeats",
+            "1",
+            "--methods",
+            "mbclip",
+            *AS_IT_COMES,
+        ]
     )
     out = capsys.readouterr().out
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
@@ -101,20 +142,20 @@ def test_step_time_runs_only_the_methods_asked_for(capsys):
 
 def test_step_time_counts_page_faults_and_can_keep_freed_memory(capsys):
     step_time = load("step_time")
-    assert step_time.parse_args(["--keep-freed-memory"]).keep_freed_memory
-    assert not step_time.parse_args([]).keep_freed_memory
+    assert step_time.parse_args([]).keep_freed_memory
+    assert not step_time.parse_args(["--no-keep-freed-memory"]).keep_freed_memory
     taken, faults = step_time.timed(lambda: torch.ones(1 << 20).sum(), torch.device("cpu"))
     assert taken > 0 and (faults is None or faults >= 0)
     # the allocator setting is process-wide and for good: try it in a child process, not in the test session
     script = (
         f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); import step_time; "
         "step_time.main(['--models', 'cnn', '--microbatch-sizes', '8', '--batch-size', '8', '--repeats', '1', "
-        "'--methods', 'mbclip', '--no-memory', '--keep-freed-memory'])"
+        "'--methods', 'mbclip', '--no-memory'])"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     header, *lines = done.stdout.splitlines()
-    assert "malloc: keeps freed memory" in header or "not glibc" in header, header
+    assert "malloc: keeps freed memory" in header or "malloc: as it comes (not glibc" in header, header
     rows = {line.split("|")[1].strip(): line.split("|") for line in lines if line.startswith("| ")}
     assert rows["method"][7].strip() == "faults", done.stdout
     if platform.libc_ver()[0] == "glibc":

@@ -15,6 +15,12 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 AS_IT_COMES = ("--no-keep-freed-memory",)
 
 
+def tiny_mbclip_run(repeats: int = 1) -> list:
+    """``step_time`` arguments for plain and mbclip at b = 8 on a batch of 8 images, in the test session."""
+    sizes = ["--microbatch-sizes", "8", "--batch-size", "8", "--repeats", str(repeats)]
+    return ["--models", "cnn", *sizes, "--methods", "mbclip", *AS_IT_COMES]
+
+
 def load(name: str):
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -40,21 +46,7 @@ def test_step_time_prints_the_spread_of_the_paired_ratios(capsys):
     step_time = load("step_time")
     assert step_time.ratio_spread([1.2]) == ""  # one round: no spread to show
     assert step_time.ratio_spread([1.0, 1.1, 1.2, 1.3, 1.4]) == "1.10-1.30"
-    step_time.main(
-        [
-            "--models",
-            "cnn",
-            "--microbatch-sizes",
-            "8",
-            "--batch-size",
-            "8",
-            "--repeats",
-            "3",
-            "--methods",
-            "mbclip",
-            *AS_IT_COMES,
-        ]
-    )
+    step_time.main(tiny_mbclip_run(3))
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
     assert rows["method"][4].strip() == "q1-q3", out
@@ -67,21 +59,7 @@ def test_step_time_names_the_cpu_it_ran_on(capsys):
     step_time = load("step_time")
     described = step_time.cpu_description()
     assert described and "cores" in described
-    step_time.main(
-        [
-            "--models",
-            "cnn",
-            "--microbatch-sizes",
-            "8",
-            "--batch-size",
-            "8",
-            "--repeats",
-            "1",
-            "--methods",
-            "mbclip",
-            *AS_IT_COMES,
-        ]
-    )
+    step_time.main(tiny_mbclip_run())
     header = capsys.readouterr().out.splitlines()[0]
     assert f"CPU: {described}" in header, header
     assert header.endswith("malloc: as it comes"), header
@@ -117,21 +95,7 @@ def test_per_call_overhead_prints_the_three_phases(capsys):
 
 def test_step_time_runs_only_the_methods_asked_for(capsys):
     step_time = load("step_time")
-    step_time.main(
-        [
-            "--models",
-            "cnn",
-            "--microbatch-sizes",
-            "8",
-            "--batch-size",
-            "8",
-            "--repeats",
-            "1",
-            "--methods",
-            "mbclip",
-            *AS_IT_COMES,
-        ]
-    )
+    step_time.main(tiny_mbclip_run())
     out = capsys.readouterr().out
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
     assert rows == ["method", "plain", "mbclip_b8"], out

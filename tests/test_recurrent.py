@@ -636,3 +636,26 @@ def test_gradient_penalty_through_a_recurrent_layer_is_refused_at_the_step(recur
         optimizer.step()
     for p, old in zip(model.parameters(), before):
         assert torch.equal(p, old)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_several_backward_passes_before_one_step(kind):
+    """Two sampled passes (three and two samples at b = 1) before one step, twice, checked every step: the update is
+    the mean over all five micro-batches. On the looped path a pass's sums are the gradients of per-micro-batch
+    identities on the weights, which autograd also accumulates into the weights' own gradients on checked steps."""
+    model = SequenceModel(RNN_FACTORIES[kind](batch_first=True).double())
+    x, _, _ = make_data(model.rnn, "")
+    plain = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    wrapped, clipped, _ = MicroBatchClipping().make_clipped(
+        module=model, optimizer=optimizer, microbatch_size=1, max_grad_norm=0.5, verify_gradients="always"
+    )
+    for _ in range(2):
+        expected = reference_update(plain, lambda net, samples: net(x[samples]), B, 1, max_grad_norm=0.5)
+        clipped.zero_grad()
+        wrapped(x[:3]).mean().backward()
+        wrapped(x[3:]).mean().backward()
+        assert clipped.pre_step()
+        assert_close_update([p.grad for p in model.parameters()], expected.update)
+        optimizer.step()
+        plain.load_state_dict(model.state_dict())

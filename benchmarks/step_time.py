@@ -57,6 +57,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:
+    import resource  # page-fault counts; Unix only
+except ImportError:
+    resource = None
+
 # ---------------------------------------------------------------------------------------------
 # Models: each one a ModelSpec; add or replace entries in MODELS to benchmark other models.
 # ---------------------------------------------------------------------------------------------
@@ -419,11 +424,7 @@ def synchronize(device: torch.device) -> None:
 def minor_page_faults() -> Optional[int]:
     """Page faults this process took so far that needed no disk (fresh pages the OS had to zero), or ``None`` where
     ``resource`` is missing (Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def timed(step: Step, device: torch.device) -> Tuple[float, Optional[int]]:
@@ -448,12 +449,13 @@ def keep_freed_memory() -> bool:
     """Make glibc's malloc keep the memory a step frees for the next step, instead of handing large blocks back to the
     OS and taking page faults (fresh, zeroed pages) for them again each step; for this process, from now on. The same as
     starting Python with ``MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_MMAP_THRESHOLD_=33554432``. False where the C
-    library is not glibc (no ``mallopt``, or one that refuses)."""
+    library is not glibc (no ``mallopt``, or one that refuses either setting)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    return all(mallopt(option, value) == 1 for option, value in KEPT_MEMORY_SETTINGS)
+    accepted = [mallopt(option, value) == 1 for option, value in KEPT_MEMORY_SETTINGS]  # both tried, always
+    return all(accepted)
 
 
 @contextlib.contextmanager

@@ -111,11 +111,8 @@ def test_step_time_counts_page_faults_and_can_keep_freed_memory(capsys):
     taken, faults = step_time.timed(lambda: torch.ones(1 << 20).sum(), torch.device("cpu"))
     assert taken > 0 and (faults is None or faults >= 0)
     # the allocator setting is process-wide and for good: try it in a child process, not in the test session
-    script = (
-        f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); import step_time; "
-        "step_time.main(['--models', 'cnn', '--microbatch-sizes', '8', '--batch-size', '8', '--repeats', '1', "
-        "'--methods', 'mbclip', '--no-memory'])"
-    )
+    arguments = [a for a in tiny_mbclip_run() if a not in AS_IT_COMES] + ["--no-memory"]
+    script = f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); import step_time; step_time.main({arguments!r})"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     header, *lines = done.stdout.splitlines()

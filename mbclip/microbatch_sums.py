@@ -37,23 +37,42 @@ class FormedSums:
 
     def weighted_sum(self, weights: torch.Tensor, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``[K, *shape]``: ``sum_j weights[k, j] * G_j``; ``kept`` (bool ``[M]``) leaves out dropped micro-batches."""
-        flat = self.sums.reshape(self.sums.shape[0], -1)
+        flat, order = _rows_in_memory_order(self.sums)
         if weights.dtype != flat.dtype or weights.device != flat.device:
             weights = weights.to(device=flat.device, dtype=flat.dtype)
         if kept is not None:  # a dropped (non-finite) micro-batch must not reach the sum, not even as 0 * NaN
             flat, weights = flat[kept], weights[:, kept]
         if weights.shape == (1, 1):  # one micro-batch (b = B): a scaling, cheaper than a matmul with k = 1
-            return (flat * weights).view((1,) + tuple(self.sums.shape[1:]))
-        return torch.mm(weights, flat).view((weights.shape[0],) + tuple(self.sums.shape[1:]))
+            return _in_parameter_order(flat * weights, self.sums, order)
+        return _in_parameter_order(torch.mm(weights, flat), self.sums, order)
 
     def weighted_total(self, weights: torch.Tensor) -> torch.Tensor:
         """``[*shape]``: ``sum_j weights[j] * G_j`` for ``weights`` ``[M]`` of the sums' dtype and device (the step's
         update: one row, nothing dropped, in as few operations as the sum takes)."""
-        sums = self.sums
-        return torch.mm(weights.view(1, -1), sums.reshape(sums.shape[0], -1)).view(sums.shape[1:])
+        flat, order = _rows_in_memory_order(self.sums)
+        return _in_parameter_order(torch.mm(weights.view(1, -1), flat), self.sums, order)[0]
 
     def formed(self) -> torch.Tensor:
         return self.sums
+
+
+def _rows_in_memory_order(sums: torch.Tensor) -> Tuple[torch.Tensor, Optional[List[int]]]:
+    """``[M, n]``: formed sums as rows without a copy, and the order of their dims in memory where it is not the
+    parameter's (a sampler that computed them in another layout hands back a permuted view)."""
+    if sums.dim() > 2 and not sums.is_contiguous():
+        order = [0] + sorted(range(1, sums.dim()), key=sums.stride, reverse=True)
+        in_memory = sums.permute(order)
+        if in_memory.is_contiguous():
+            return in_memory.reshape(sums.shape[0], -1), order
+    return sums.reshape(sums.shape[0], -1), None
+
+
+def _in_parameter_order(rows: torch.Tensor, sums: torch.Tensor, order: Optional[List[int]]) -> torch.Tensor:
+    """``[K, n]`` products of :func:`_rows_in_memory_order`'s rows -> ``[K, *shape]``, contiguous."""
+    if order is None:
+        return rows.view((rows.shape[0],) + tuple(sums.shape[1:]))
+    in_memory = rows.view((rows.shape[0],) + tuple(sums.shape[d] for d in order[1:]))
+    return in_memory.permute([0] + [order.index(d) for d in range(1, sums.dim())]).contiguous()
 
 
 class FactoredSums:
@@ -247,7 +266,11 @@ def weighted_sums_of(sums: Sequence[MicroBatchSums], weights: torch.Tensor) -> L
     like the parameter; single formed micro-batches are scaled in one ``_foreach_mul``."""
     summed: List[Optional[torch.Tensor]] = [None] * len(sums)
     like_weights = (weights.dtype, weights.device)
-    single = [i for i in _single_formed(sums) if (sums[i].sums.dtype, sums[i].sums.device) == like_weights]
+    single = [
+        i
+        for i in _single_formed(sums)
+        if (sums[i].sums.dtype, sums[i].sums.device) == like_weights and sums[i].sums.is_contiguous()
+    ]
     if single:
         scaled = torch._foreach_mul([sums[i].sums[0] for i in single], weights.reshape(()))
         for i, tensor in zip(single, scaled):

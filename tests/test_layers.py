@@ -140,6 +140,16 @@ def _case(name):
             nn.Linear(9 * 6, 3),
         )
         return model, classification(torch.randn(B, 4, 6, 6), 3)
+    if name == "channels_last_conv":  # 16 or more input channels: windows copied channels-last (2-d and 3-d)
+        model = nn.Sequential(
+            nn.Conv2d(16, 20, (3, 2), stride=(2, 1), dilation=(1, 2), padding=1),  # 3 x 6 = 18 positions
+            nn.Tanh(),
+            nn.Unflatten(1, (20, 1)),
+            nn.Conv3d(20, 18, (1, 2, 3), stride=(1, 1, 2), padding=(0, 1, 0), padding_mode="reflect"),  # 8 positions
+            nn.Flatten(),
+            nn.Linear(18 * 8, 3),
+        )
+        return model, classification(torch.randn(B, 16, 5, 6), 3)
     if name == "wide_conv":  # over 32 input channels per group: the grouped kernel also for 3 and 4 micro-batches
         model = nn.Sequential(
             nn.Conv1d(40, 66, 3, padding=1),
@@ -211,6 +221,7 @@ LAYER_CASES = [
     "depthwise_long_filter",
     "few_taps_conv",
     "few_positions_conv",
+    "channels_last_conv",
     "wide_conv",
     "pointwise_conv",
     "embedding",

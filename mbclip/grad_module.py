@@ -345,19 +345,6 @@ class MicroBatchGradSampleModule(GradSampleModule):
     # -- passes --------------------------------------------------------------------------------
 
     def _reset_passes(self) -> None:
-        self._pass_batch_sizes: List[int] = []
-        self._current_pass: Optional[int] = None
-        self._sums: Dict[nn.Parameter, Dict[int, MicroBatchSums]] = {}
-        self._claimed: Dict[nn.Parameter, int] = {}
-        self.low_precision_seen: set = set()  # half dtypes of output gradients since the last step (autocast)
-        # per open sampled call: parameters made grad-free, the call's (batched, batch_dim), and its trainable
-        # parameters
-        self._switched_off: List[Tuple[List[nn.Parameter], Tuple[bool, Optional[int]], List[nn.Parameter]]] = []
-        # activation checkpointing: hooked calls still open in a forward that backward re-runs, and the graph
-        # tasks (backward runs) in which each pass's gradients arrived, to tell which pass a re-run belongs to
-        self._recomputing = 0
-        self._pass_tasks: Dict[int, set] = {}
-        self._dropped_passes: set = set()  # passes whose gradients zero_grad() discarded (see zero_grad_passes)
         # The calls recorded since the last step. A call's output hook (or its keeper node's delivery) holds the
         # call, and the call holds the keeper node and (some samplers) the outputs that hold the hook: a reference
         # cycle. Cutting the call's side here lets reference counting free all of it, with no work for Python's
@@ -368,22 +355,39 @@ class MicroBatchGradSampleModule(GradSampleModule):
             call.output_nodes = ()
         for handle in getattr(self, "_open_hooks", ()):  # output hooks and deliveries (output_hooks, _Delivery)
             handle.remove()
-        self._open_calls = _StepRecords()
-        self._open_hooks = _StepRecords()
-        self._sampling_pass: Optional[int] = None  # the pass of the call whose sampler runs now
-        # parameters whose gradients since the last step came from samplers alone, each with its p.grad (and
-        # that tensor's version) when first switched off: autograd must not have touched it by the step
-        self.grad_snapshots: Dict[nn.Parameter, Tuple[Optional[torch.Tensor], int]] = {}
-        # sampled parameters that some call of the step left to autograd (their p.grad is autograd's, partly)
-        self.autograd_kept: Dict[nn.Parameter, None] = {}
-        # whole passes (see the module docstring), each with the trainable parameters at its forward, and the
-        # other passes in which autograd wrote some p.grad (the fallback, kept parameters): sharing a backward
-        # with a whole pass, they would mix into its gradient
-        self._whole_passes: Dict[int, List[nn.Parameter]] = {}
-        self._grad_writing_passes: set = set()
-        # parameters of calls that autograd differentiates (the fallback, samplers that need autograd): autograd
-        # writes their p.grad in any pass, so a whole pass's snapshot of them says nothing at the step
-        self.autograd_written: Dict[nn.Parameter, None] = {}
+        # Plain Python state, set in one update of __dict__: nn.Module's __setattr__ (which looks for parameters,
+        # buffers and submodules) would cost more than the rest of this reset, and it runs twice per step.
+        vars(self).update(
+            _pass_batch_sizes=[],  # List[int]: the batch size of each forward pass since the last step
+            _current_pass=None,  # Optional[int]: the pass being recorded now
+            _sums={},  # Dict[nn.Parameter, Dict[int, MicroBatchSums]]: per parameter and pass
+            _claimed={},  # Dict[nn.Parameter, int]
+            low_precision_seen=set(),  # half dtypes of output gradients since the last step (autocast)
+            # per open sampled call: parameters made grad-free, the call's (batched, batch_dim), and its trainable
+            # parameters
+            _switched_off=[],
+            # activation checkpointing: hooked calls still open in a forward that backward re-runs, and the graph
+            # tasks (backward runs) in which each pass's gradients arrived, to tell which pass a re-run belongs to
+            _recomputing=0,
+            _pass_tasks={},  # Dict[int, set]
+            _dropped_passes=set(),  # passes whose gradients zero_grad() discarded (see zero_grad_passes)
+            _open_calls=_StepRecords(),
+            _open_hooks=_StepRecords(),
+            _sampling_pass=None,  # Optional[int]: the pass of the call whose sampler runs now
+            # parameters whose gradients since the last step came from samplers alone, each with its p.grad (and
+            # that tensor's version) when first switched off: autograd must not have touched it by the step
+            grad_snapshots={},  # Dict[nn.Parameter, Tuple[Optional[torch.Tensor], int]]
+            # sampled parameters that some call of the step left to autograd (their p.grad is autograd's, partly)
+            autograd_kept={},  # Dict[nn.Parameter, None]
+            # whole passes (see the module docstring), each with the trainable parameters at its forward, and the
+            # other passes in which autograd wrote some p.grad (the fallback, kept parameters): sharing a backward
+            # with a whole pass, they would mix into its gradient
+            _whole_passes={},  # Dict[int, List[nn.Parameter]]
+            _grad_writing_passes=set(),
+            # parameters of calls that autograd differentiates (the fallback, samplers that need autograd): autograd
+            # writes their p.grad in any pass, so a whole pass's snapshot of them says nothing at the step
+            autograd_written={},  # Dict[nn.Parameter, None]
+        )
 
     def current_layout(self) -> Optional[MicroBatchLayout]:
         """The micro-batch layout of the pass being recorded now; ``None`` outside a recorded forward."""
@@ -432,8 +436,8 @@ class MicroBatchGradSampleModule(GradSampleModule):
             batch_size = self._batch_size_of(args, kwargs)
             whole = self._is_whole_pass(batch_size)
             self._pass_batch_sizes.append(batch_size)
-            self._current_pass = len(self._pass_batch_sizes) - 1
-            self._claimed = {}
+            # plain state set in __dict__ (see _reset_passes): nn.Module's __setattr__ costs more per pass
+            vars(self).update(_current_pass=len(self._pass_batch_sizes) - 1, _claimed={})
             if whole:
                 self._open_whole_pass(self._current_pass)
         try:
@@ -442,7 +446,7 @@ class MicroBatchGradSampleModule(GradSampleModule):
                 self._hook_whole_pass(self._current_pass, output)
             return output
         finally:
-            self._current_pass = None
+            vars(self)["_current_pass"] = None
             while self._switched_off:  # a forward that raised: give every parameter its requires_grad back
                 for p in self._switched_off.pop()[0]:
                     p.requires_grad_(True)

@@ -202,7 +202,7 @@ class MicroBatchOptimizer(DPOptimizer):
         per_param_norms = raw_norms * scales.unsqueeze(1)  # norms of the micro-batch gradients
         norms = rules.total_norms(per_param_norms)
         finite = torch.isfinite(norms)
-        num_dropped = int((~finite).sum())
+        num_dropped = 0 if bool(finite.all()) else int((~finite).sum())
         # Verification rides on the update's own pass over the gradients when all are finite (see
         # _weighted_sums_checked); with non-finite micro-batches it runs alone, on what is finite. Unchecked
         # steps (autograd computed no weight gradient beside the samplers) only make sure none went unsplit.
@@ -217,14 +217,19 @@ class MicroBatchOptimizer(DPOptimizer):
                 f"{num_dropped} of {norms.numel()} micro-batch gradients are not finite (NaN or Inf). "
                 "Check the inputs and the loss of this batch, or pass nonfinite='skip' to drop such micro-batches."
             )
-        kept = finite.nonzero().squeeze(1)
-        num_kept = kept.numel()
         sizes = collected.microbatch_sizes.to(norms.device)
-        factors, clipped = self._clip_factors(norms[kept], per_param_norms[kept], present, params)
-        full_factors = torch.zeros(
-            (norms.numel(),) + tuple(factors.shape[1:]), dtype=factors.dtype, device=factors.device
-        )
-        full_factors[kept] = factors
+        if num_dropped:  # clip what is finite; a dropped micro-batch gets factor 0
+            kept = finite.nonzero().squeeze(1)
+            num_kept = kept.numel()
+            factors, clipped = self._clip_factors(norms[kept], per_param_norms[kept], present, params)
+            full_factors = torch.zeros(
+                (norms.numel(),) + tuple(factors.shape[1:]), dtype=factors.dtype, device=factors.device
+            )
+            full_factors[kept] = factors
+        else:
+            num_kept = norms.numel()
+            factors, clipped = self._clip_factors(norms, per_param_norms, present, params)
+            full_factors = factors
         # each micro-batch's sums enter the update with its clip factor times its scale, over the normalizer
         # (folded into these M weights rather than dividing M x params numbers)
         normalizer = self._normalizer(len(collected.layouts), num_kept)
@@ -263,7 +268,7 @@ class MicroBatchOptimizer(DPOptimizer):
                 (-1,) + (1,) * (factors.dim() - 1)
             )
         self.last_step = StepDiagnostics(
-            num_samples=int(sizes.sum()),
+            num_samples=sum(layout.batch_size for layout in collected.layouts),
             num_microbatches=norms.numel(),
             microbatch_sizes=sizes.detach(),
             microbatch_norms=norms.detach(),

@@ -849,16 +849,21 @@ class MicroBatchGradSampleModule(GradSampleModule):
             return None
         layouts = [_layout(self._pass_batch_sizes[k], self.microbatch_size) for k in passes]
         device = next((p.device for p, per_pass in self._sums.items() if per_pass), None)
-        sizes = torch.cat([layout.microbatch_sizes(device=device) for layout in layouts])
         # The sums hold gradients of the loss as backward saw it; one factor per micro-batch turns them into
         # micro-batch gradients: x B_k for a batch-mean loss, / (micro-batch size) for microbatch_reduction="mean".
-        loss_scale = torch.cat(
-            [
-                torch.full((layout.num_microbatches,), float(self._loss_scale(k)), device=device, dtype=sizes.dtype)
-                for k, layout in zip(passes, layouts)
-            ]
-        )
-        scales = loss_scale / sizes if self.microbatch_reduction == "mean" else loss_scale
+        # Built as Python numbers (float64, as the tensors are), then one tensor each: a step's small fixed cost.
+        size_list: List[int] = []
+        scale_list: List[float] = []
+        for k, layout in zip(passes, layouts):
+            pass_sizes = layout.microbatch_size_list()
+            loss_scale = float(self._loss_scale(k))
+            size_list += pass_sizes
+            if self.microbatch_reduction == "mean":
+                scale_list += [loss_scale / size for size in pass_sizes]
+            else:
+                scale_list += [loss_scale] * len(pass_sizes)
+        sizes = torch.tensor(size_list, device=device, dtype=torch.float64)
+        scales = torch.tensor(scale_list, device=device, dtype=torch.float64)
         collected: List[Optional[MicroBatchSums]] = []
         for p in params:
             per_pass = self._sums.get(p)

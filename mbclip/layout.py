@@ -24,12 +24,16 @@ class MicroBatchLayout:
         """Batch size rounded up to a whole number of micro-batches."""
         return self.num_microbatches * self.microbatch_size
 
+    def microbatch_size_list(self) -> List[int]:
+        """Number of samples in each micro-batch, as ``M`` Python ints."""
+        if not self.num_microbatches:
+            return []
+        last = self.batch_size - (self.num_microbatches - 1) * self.microbatch_size
+        return [self.microbatch_size] * (self.num_microbatches - 1) + [last]
+
     def microbatch_sizes(self, device=None, dtype=torch.float64) -> torch.Tensor:
         """Number of samples in each micro-batch, shape ``[M]``."""
-        sizes = torch.full((self.num_microbatches,), self.microbatch_size, device=device, dtype=dtype)
-        if self.num_microbatches:
-            sizes[-1] = self.batch_size - (self.num_microbatches - 1) * self.microbatch_size
-        return sizes
+        return torch.tensor(self.microbatch_size_list(), device=device, dtype=dtype)
 
     def microbatch_index(self, device=None) -> torch.Tensor:
         """Micro-batch id of every sample, shape ``[B]``."""

@@ -359,9 +359,12 @@ def _compute_gram(tensor: torch.Tensor) -> torch.Tensor:
 def prefers_factors(rows: int, out_features: int, in_features: int) -> bool:
     """The cost model: keep factors when they are smaller than the formed sums.
 
-    Per micro-batch, factors hold ``rows * (out + in)`` numbers and formed sums ``out * in``. The smaller
-    one is also the cheaper in time: the Gram matrices cost ``rows^2 * (out + in)`` against the
-    ``rows * out * in`` of forming, and both paths pay one matmul of that size for the update.
+    Per micro-batch, factors hold ``rows * (out + in)`` numbers and formed sums ``out * in``: keeping the smaller
+    bounds the memory by what the layer's activations and output gradients take anyway. It is a memory rule, not a
+    time rule: both paths run one matmul of ``rows * out * in`` per micro-batch (forming, or the factored update),
+    and then factors add the Gram matrices (``rows^2 * (out + in)``), formed sums passes over ``M * out * in``
+    numbers (norms, weighted sum). Forming the transformer LM's Linear sums at b = 1 was faster on CPU (1.15x
+    against 1.3x a plain step) but took 1.96x its peak memory.
     """
     return rows * (out_features + in_features) < out_features * in_features
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -40,6 +41,7 @@ class StepDiagnostics:
     ``sample_weights[i]`` is the coefficient of sample ``i``'s gradient in the update (plain averaging
     gives every sample ``1 / B``); with ``clipping="per_layer"`` it has one column per parameter,
     as have ``clip_factors``. Dropped (non-finite) micro-batches have factor and weight 0.
+    ``fraction_clipped`` and ``sample_weights`` are computed when first read, not at every step.
     """
 
     num_samples: int
@@ -47,16 +49,33 @@ class StepDiagnostics:
     microbatch_sizes: torch.Tensor
     microbatch_norms: torch.Tensor
     clip_factors: torch.Tensor
-    fraction_clipped: float
-    sample_weights: torch.Tensor
     dropped_microbatches: int
     applied: bool
     noise_std: float
+    # which kept micro-batches were scaled down, and what each micro-batch's factor is divided by for the weight of
+    # one of its samples (the normalizer, times its size for the micro-batch mean): read by the properties below
+    _clipped: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool), repr=False)
+    _normalizer: float = field(default=1.0, repr=False)
+    _mean_over_microbatch: bool = field(default=False, repr=False)
+
+    @cached_property
+    def fraction_clipped(self) -> float:
+        """The fraction of the kept micro-batches whose gradient was scaled down."""
+        return float(self._clipped.float().mean()) if self._clipped.numel() else 0.0
+
+    @cached_property
+    def sample_weights(self) -> torch.Tensor:
+        """``[B]`` (``[B, P]`` per layer): the coefficient of each sample's gradient in the update."""
+        factors, sizes = self.clip_factors, self.microbatch_sizes
+        weights = factors / self._normalizer
+        if self._mean_over_microbatch:
+            weights = weights / sizes.to(factors.dtype).reshape((-1,) + (1,) * (factors.dim() - 1))
+        return weights.repeat_interleave(sizes.long(), dim=0)
 
 
 def _empty_diagnostics() -> StepDiagnostics:
     empty = torch.zeros(0)
-    return StepDiagnostics(0, 0, empty, empty, empty, 0.0, empty, 0, False, 0.0)
+    return StepDiagnostics(0, 0, empty, empty, empty, 0, False, 0.0)
 
 
 class MicroBatchOptimizer(DPOptimizer):
@@ -262,22 +281,18 @@ class MicroBatchOptimizer(DPOptimizer):
                 if summed.shape != p.shape:
                     summed = summed.view_as(p)
                 p.grad = summed if summed.dtype == p.dtype else summed.to(p.dtype)
-        per_microbatch_weight = full_factors / normalizer
-        if self.grad_module.microbatch_reduction == "mean":
-            per_microbatch_weight = per_microbatch_weight / sizes.to(factors.dtype).reshape(
-                (-1,) + (1,) * (factors.dim() - 1)
-            )
         self.last_step = StepDiagnostics(
             num_samples=sum(layout.batch_size for layout in collected.layouts),
             num_microbatches=norms.numel(),
             microbatch_sizes=sizes.detach(),
             microbatch_norms=norms.detach(),
             clip_factors=full_factors.detach(),
-            fraction_clipped=float(clipped.float().mean()) if num_kept else 0.0,
-            sample_weights=per_microbatch_weight.repeat_interleave(sizes.long(), dim=0).detach(),
             dropped_microbatches=num_dropped,
             applied=applied,
             noise_std=float(self.noise_multiplier * self.max_grad_norm / normalizer) if applied else 0.0,
+            _clipped=clipped.detach(),
+            _normalizer=normalizer,
+            _mean_over_microbatch=self.grad_module.microbatch_reduction == "mean",
         )
 
     def _clip_factors(self, norms, per_param_norms, present, params):

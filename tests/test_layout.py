@@ -24,3 +24,11 @@ def test_sum_per_microbatch_sums_each_microbatch_over_its_samples(microbatch_siz
     tensor = torch.randn(7, 3, 2)
     layout = MicroBatchLayout(7, microbatch_size)
     torch.testing.assert_close(layout.sum_per_microbatch(tensor), _loop_sums(tensor, microbatch_size, (0,)))
+
+
+@pytest.mark.parametrize("batch_size,microbatch_size", [(0, 3), (7, 1), (7, 3), (7, 7), (7, 9), (8, 4)])
+def test_microbatch_sizes_are_those_of_the_split(batch_size, microbatch_size):
+    layout = MicroBatchLayout(batch_size, microbatch_size)
+    expected = [len(part) for part in torch.arange(batch_size).split(microbatch_size) if len(part)]
+    assert layout.microbatch_size_list() == expected
+    assert layout.microbatch_sizes().tolist() == expected and layout.microbatch_sizes().dtype == torch.float64

@@ -121,3 +121,18 @@ def test_step_time_counts_page_faults_and_can_keep_freed_memory(capsys):
     assert rows["method"][7].strip() == "faults", done.stdout
     if platform.libc_ver()[0] == "glibc":
         assert "malloc: keeps freed memory" in header, header
+
+
+def test_time_breakdown_prints_phases_layers_and_step_parts(capsys):
+    time_breakdown = load("time_breakdown")
+    time_breakdown.main(
+        ["--models", "cnn", "--microbatch-sizes", "4", "--batch-size", "8", "--rounds", "2", "--no-keep-freed-memory"]
+    )
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    for label in ("forward", "backward", "step", "step: norms", "step: weighted sums", "0 (Conv2d)", "2 (GroupNorm)"):
+        assert label in rows, out
+    assert rows["0 (Conv2d)"].split("|")[3].strip() == "1", out  # one call of the first convolution per step
+    from mbclip.grad_module import MicroBatchGradSampleModule
+
+    assert not hasattr(MicroBatchGradSampleModule._on_output_grads, "__wrapped__")  # the wrappers are gone

@@ -214,6 +214,10 @@ def parse_args(argv=None):
     args.microbatch_sizes = [int(b) for b in args.microbatch_sizes.split(",") if b.strip()]
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    try:
+        torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device!r}: {error}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device; run on cpu")
     return args

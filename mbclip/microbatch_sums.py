@@ -18,6 +18,12 @@ import torch
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Bound on the elements of one chunk of Gram matrices [chunk, n, n] (memory of the ghost norms).
 MAX_GRAM_ELEMENTS = 1 << 24
+# Formed sums of one call up to this many numbers (1 MiB in float32), and at most FORMED_MEMORY_SLACK times the
+# numbers of their factors, are formed even where the factors are smaller (see prefers_factors): on CPU they stay in
+# the caches from the sampler to the step, where the Gram matrices cost about what forming does. The rel-pos
+# conformer at b = 4 (its 144 x 144 weights: 8 micro-batches of 60 rows) went from 1.34x to 1.30x a plain step.
+CACHED_FORMED_ELEMENTS = 1 << 18
+FORMED_MEMORY_SLACK = 1.5
 
 
 class FormedSums:
@@ -356,27 +362,33 @@ def _compute_gram(tensor: torch.Tensor) -> torch.Tensor:
     return torch.bmm(tensor, tensor.transpose(1, 2))
 
 
-def prefers_factors(rows: int, out_features: int, in_features: int) -> bool:
-    """The cost model: keep factors when they are smaller than the formed sums.
+def prefers_factors(rows: int, out_features: int, in_features: int, num_microbatches: int = 1) -> bool:
+    """The cost model: keep factors when they are smaller than the formed sums, unless the formed sums are small.
 
     Per micro-batch, factors hold ``rows * (out + in)`` numbers and formed sums ``out * in``: keeping the smaller
-    bounds the memory by what the layer's activations and output gradients take anyway. It is a memory rule, not a
-    time rule: both paths run one matmul of ``rows * out * in`` per micro-batch (forming, or the factored update),
-    and then factors add the Gram matrices (``rows^2 * (out + in)``), formed sums passes over ``M * out * in``
-    numbers (norms, weighted sum). Forming the transformer LM's Linear sums at b = 1 was faster on CPU (1.15x
-    against 1.3x a plain step) but took 1.96x its peak memory.
+    bounds the memory by what the layer's activations and output gradients take anyway. Both paths run one matmul of
+    ``rows * out * in`` per micro-batch (forming, or the factored update); then factors add the Gram matrices
+    (``rows^2 * (out + in)``), formed sums passes over ``M * out * in`` numbers (norms, weighted sum). Those passes
+    are cheap while the formed sums are small and stay in the caches, and the Gram matrices dear while the factors
+    are about as large as the formed sums: then the sums are formed (:data:`CACHED_FORMED_ELEMENTS`,
+    :data:`FORMED_MEMORY_SLACK`). Forming every Linear sum of the transformer LM at b = 1 was faster on CPU (1.15x
+    against 1.3x a plain step) but took 1.96x its peak memory: large sums stay factored.
     """
-    return rows * (out_features + in_features) < out_features * in_features
+    formed, factors = out_features * in_features, rows * (out_features + in_features)
+    if factors >= formed:
+        return False
+    small = num_microbatches * formed <= CACHED_FORMED_ELEMENTS and formed <= FORMED_MEMORY_SLACK * factors
+    return not small
 
 
 def outer_product_sums(
     backprops: torch.Tensor, activations: torch.Tensor, shape: Optional[Sequence[int]] = None
 ) -> Union[torch.Tensor, FactoredSums]:
     """``sum_r g_r a_r^T`` per micro-batch from ``[M, n, out]`` and ``[M, n, in]``: formed or factored, the cheaper."""
-    _, rows, out_features = backprops.shape
+    num_microbatches, rows, out_features = backprops.shape
     in_features = activations.shape[-1]
     shape = tuple(shape) if shape is not None else (out_features, in_features)
-    if prefers_factors(rows, out_features, in_features):
+    if prefers_factors(rows, out_features, in_features, num_microbatches):
         return FactoredSums(backprops, activations, shape)
     return torch.bmm(backprops.transpose(1, 2), activations).view((-1,) + shape)
 

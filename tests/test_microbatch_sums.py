@@ -126,6 +126,17 @@ def test_cost_model_keeps_the_smaller_form():
     assert isinstance(outer_product_sums(*_factors(rows=64, out_features=8, in_features=8)), torch.Tensor)
 
 
+def test_cost_model_forms_small_sums_about_as_large_as_their_factors():
+    # the rel-pos conformer's 144 x 144 weights at b = 4: 8 micro-batches of 60 rows, factors 0.83x the formed sums
+    assert not microbatch_sums.prefers_factors(60, 144, 144, num_microbatches=8)
+    factors = _factors(num_microbatches=8, rows=60, out_features=144, in_features=144)
+    assert isinstance(outer_product_sums(*factors), torch.Tensor)
+    # the same micro-batches at b = 1 (32 of them): the formed sums outgrow the caches, factors stay
+    assert microbatch_sums.prefers_factors(15 * 4, 144, 144, num_microbatches=32)
+    # factors much smaller than the formed sums (a third of them here) stay factors however small
+    assert microbatch_sums.prefers_factors(16, 144, 144, num_microbatches=2)
+
+
 def _indexed(num_microbatches=4, rows=5, width=3, table=7):
     return IndexedSums(
         torch.randn(num_microbatches, rows, width), torch.randint(0, table, (num_microbatches, rows)), table
@@ -160,7 +171,7 @@ def test_half_precision_factors_give_float32_norms():
 def forced_form(request, monkeypatch):
     monkeypatch.setattr(microbatch_sums, "prefers_indexed", lambda rows, num_rows: request.param == "factored")
     monkeypatch.setattr(
-        microbatch_sums, "prefers_factors", lambda rows, out_features, in_features: request.param == "factored"
+        microbatch_sums, "prefers_factors", lambda rows, out_features, in_features, *_: request.param == "factored"
     )
     return request.param
 

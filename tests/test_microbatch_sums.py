@@ -131,9 +131,9 @@ def test_cost_model_forms_small_sums_about_as_large_as_their_factors():
     assert not microbatch_sums.prefers_factors(60, 144, 144, num_microbatches=8)
     factors = _factors(num_microbatches=8, rows=60, out_features=144, in_features=144)
     assert isinstance(outer_product_sums(*factors), torch.Tensor)
-    # the same micro-batches at b = 1 (32 of them): the formed sums outgrow the caches, factors stay
+    # the same shapes in 32 micro-batches (a batch of 128): the formed sums outgrow the caches, factors stay
     assert microbatch_sums.prefers_factors(15 * 4, 144, 144, num_microbatches=32)
-    # factors much smaller than the formed sums (a third of them here) stay factors however small
+    # factors much smaller than the formed sums (about a fifth of them here) stay factors however small
     assert microbatch_sums.prefers_factors(16, 144, 144, num_microbatches=2)
 
 

@@ -21,7 +21,8 @@ MAX_GRAM_ELEMENTS = 1 << 24
 # Formed sums of one call up to this many numbers (1 MiB in float32), and at most FORMED_MEMORY_SLACK times the
 # numbers of their factors, are formed even where the factors are smaller (see prefers_factors): on CPU they stay in
 # the caches from the sampler to the step, where the Gram matrices cost about what forming does. The rel-pos
-# conformer at b = 4 (its 144 x 144 weights: 8 micro-batches of 60 rows) went from 1.34x to 1.30x a plain step.
+# conformer at b = 4 (its 144 x 144 weights: 8 micro-batches of 60 rows) went from 1.28-1.34x to 1.25-1.30x a plain
+# step (four interleaved A/B runs).
 CACHED_FORMED_ELEMENTS = 1 << 18
 FORMED_MEMORY_SLACK = 1.5
 

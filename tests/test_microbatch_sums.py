@@ -238,6 +238,21 @@ def test_tied_weights_twice_in_one_pass(forced_form):
     assert_close_update([p.grad for p in model.parameters()], expected.update)
 
 
+@pytest.mark.parametrize("rows", [15, 23, 31, 16, 14, 7])
+def test_gram_matrices_padded_by_a_zero_row_are_exact(rows):
+    """On CPU, rows one short of a multiple of 8 get a zero row for a faster matmul: the same Gram matrices."""
+    backprops, activations = _factors(num_microbatches=3, rows=rows, out_features=130, in_features=128)
+    padded = rows % 8 == 7 and rows >= microbatch_sums.GRAM_PADDING_MIN_ROWS
+    assert microbatch_sums.pads_gram_rows(activations) == padded
+    assert not microbatch_sums.pads_gram_rows(activations[..., :127])  # too few features to pay for the copy
+    gram = microbatch_sums._compute_gram(activations)
+    assert gram.shape == (3, rows, rows)
+    torch.testing.assert_close(gram, torch.bmm(activations, activations.transpose(1, 2)), rtol=1e-12, atol=1e-12)
+    factored = FactoredSums(backprops, activations, (130, 128))
+    formed = FormedSums(torch.bmm(backprops.transpose(1, 2), activations))
+    torch.testing.assert_close(factored.norms(), formed.norms(), rtol=1e-12, atol=1e-12)
+
+
 def test_shared_factors_gram_matrices_are_computed_once_and_change_no_norm(monkeypatch):
     """An LSTM's two weights share their gate gradients (q, k, v projections their input): one Gram matrix each."""
     gates, inputs, hidden = torch.randn(4, 3, 8), torch.randn(4, 3, 5), torch.randn(4, 3, 2)

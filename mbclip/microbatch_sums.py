@@ -14,6 +14,7 @@ from collections import Counter
 from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Bound on the elements of one chunk of Gram matrices [chunk, n, n] (memory of the ghost norms).
@@ -165,10 +166,9 @@ class IndexedSums:
         chunk = max(1, MAX_GRAM_ELEMENTS // max(rows * rows, 1))
         squared = []
         for first in range(0, self.num_microbatches, chunk):
-            g = _at_least_float32(self.rows[first : first + chunk])
             index = self.indices[first : first + chunk]
             same_row = index.unsqueeze(2) == index.unsqueeze(1)
-            squared.append((torch.bmm(g, g.transpose(1, 2)) * same_row).sum(dim=(1, 2)))
+            squared.append((_compute_gram(self.rows[first : first + chunk]) * same_row).sum(dim=(1, 2)))
         return squared[0] if len(squared) == 1 else torch.cat(squared)
 
     def weighted_sum(self, weights: torch.Tensor, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -358,15 +358,11 @@ def _factors_of(sums: Optional[MicroBatchSums]) -> Iterator[torch.Tensor]:
             yield from _factors_of(part)
 
 
-def _compute_gram(tensor: torch.Tensor) -> torch.Tensor:
-    """``[M, n, n]``: each micro-batch's row dot products, through one more (zero) row where that is faster."""
-    tensor = _at_least_float32(tensor)
-    if pads_gram_rows(tensor):
-        rows = tensor.shape[1]
-        padded = tensor.new_zeros((tensor.shape[0], rows + 1, tensor.shape[2]))
-        padded[:, :rows] = tensor
-        return torch.bmm(padded, padded.transpose(1, 2))[:, :rows, :rows]
-    return torch.bmm(tensor, tensor.transpose(1, 2))
+def pads_gram_rows(tensor: torch.Tensor) -> bool:
+    """Whether :func:`_compute_gram` adds one zero row to ``[M, n, d]`` first (CPU, ``n % 8 == 7``, large enough)."""
+    rows, features = tensor.shape[1], tensor.shape[2]
+    large = rows >= GRAM_PADDING_MIN_ROWS and features >= GRAM_PADDING_MIN_FEATURES
+    return tensor.device.type == "cpu" and rows % 8 == 7 and large
 
 
 # On CPU a batched matmul ``[M, n, d] @ [M, d, n]`` with n one short of a multiple of 8 (15, 23, 31, ... rows) ran
@@ -376,11 +372,14 @@ GRAM_PADDING_MIN_ROWS = 15
 GRAM_PADDING_MIN_FEATURES = 128
 
 
-def pads_gram_rows(tensor: torch.Tensor) -> bool:
-    """Whether :func:`_compute_gram` adds one zero row to ``[M, n, d]`` first (CPU, ``n % 8 == 7``, large enough)."""
-    rows, features = tensor.shape[1], tensor.shape[2]
-    large = rows >= GRAM_PADDING_MIN_ROWS and features >= GRAM_PADDING_MIN_FEATURES
-    return tensor.device.type == "cpu" and rows % 8 == 7 and large
+def _compute_gram(tensor: torch.Tensor) -> torch.Tensor:
+    """``[M, n, n]``: each micro-batch's row dot products, through one more (zero) row where that is faster."""
+    tensor = _at_least_float32(tensor)
+    if pads_gram_rows(tensor):
+        rows = tensor.shape[1]
+        padded = F.pad(tensor, (0, 0, 0, 1))
+        return torch.bmm(padded, padded.transpose(1, 2))[:, :rows, :rows]
+    return torch.bmm(tensor, tensor.transpose(1, 2))
 
 
 def prefers_factors(rows: int, out_features: int, in_features: int, num_microbatches: int = 1) -> bool:
